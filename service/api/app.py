@@ -1,0 +1,49 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api import errors
+from service.api.routers import health, jobs, wiro_callback
+from service.container import Services, build_services
+from service.settings import Settings, get_settings
+
+DESCRIPTION = """
+Submit image-edit jobs to Wiro's DreamOmni2 model through one reliable API.
+
+Jobs are recorded in PostgreSQL, sent to Wiro by workers, finished by Wiro's callback
+(or by a sweep that polls Wiro when a callback never comes), and their outputs copied
+to S3. Every refusal is an `application/problem+json` document with a stable `code`.
+"""
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    """Build the app; services are built from settings at startup unless given."""
+    cfg = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own = services is None
+        app.state.services = services or build_services(cfg)
+        try:
+            yield
+        finally:
+            if own:
+                app.state.services.close()
+
+    app = FastAPI(
+        title="dreamgate",
+        version="0.1.0",
+        summary="A reliable REST gateway for Wiro's DreamOmni2 image editing",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(jobs.router)
+    app.include_router(wiro_callback.router)
+    app.include_router(health.router)
+    return app

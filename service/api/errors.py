@@ -1,0 +1,123 @@
+"""One error shape for every refusal: RFC 9457 problem details with a stable ``code``."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_TYPE = "https://dreamgate.dev/problems/"
+log = structlog.get_logger(__name__)
+
+
+class FieldError(BaseModel):
+    """One invalid field of a request."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document; ``code`` is stable and meant for machines."""
+
+    type: str = Field(examples=[PROBLEM_TYPE + "validation_error"])
+    title: str = Field(examples=["Unprocessable Content"])
+    status: int = Field(examples=[422])
+    detail: str = Field(examples=["steps: Input should be less than or equal to 500"])
+    code: str = Field(examples=["validation_error"])
+    instance: str | None = None
+    errors: list[FieldError] | None = None
+
+
+class ProblemError(Exception):
+    """Raise anywhere in a request to answer with a problem document."""
+
+    def __init__(
+        self, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers
+
+
+def problem_response(
+    request: Request,
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """Build the problem+json response."""
+    body = Problem(
+        type=PROBLEM_TYPE + code,
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+        code=code,
+        instance=request.url.path,
+        errors=[FieldError(**e) for e in errors] if errors else None,
+    ).model_dump(exclude_none=True)
+    return JSONResponse(body, status, headers=headers, media_type="application/problem+json")
+
+
+_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+          405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
+          413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error",
+          429: "rate_limited", 500: "internal_error", 503: "unavailable"}
+
+
+def validation_errors(errors: Any) -> list[dict[str, Any]]:
+    """FastAPI/pydantic errors in our ``errors`` form (no echoed input values)."""
+    return [
+        {"loc": [str(p) if not isinstance(p, int) else p for p in e.get("loc", ())],
+         "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        for e in errors
+    ]
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every error into a problem document."""
+
+    @app.exception_handler(ProblemError)
+    async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
+        return problem_response(request, exc.status, exc.code, exc.detail, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = validation_errors(exc.errors())
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path"))
+        detail = f"{where}: {first['msg']}" if where else str(first["msg"])
+        return problem_response(request, 422, "validation_error", detail, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _CODES.get(exc.status_code, "error")
+        return problem_response(
+            request, exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled", path=request.url.path)
+        return problem_response(request, 500, "internal_error", "internal error")
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI declarations of a route's error answers."""
+    return {
+        s: {"model": Problem, "description": HTTPStatus(s).phrase,
+            "content": {"application/problem+json": {}}}
+        for s in statuses
+    }

@@ -1,0 +1,45 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from service.api.deps import ServicesDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="The process is up")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="PostgreSQL, Redis and S3 answer",
+    responses={503: {"description": "A dependency does not answer"}},
+)
+def readyz(svc: ServicesDep) -> JSONResponse:
+    checks: dict[str, Any] = {}
+
+    def probe(name: str, fn: Any) -> None:
+        try:
+            fn()
+            checks[name] = "ok"
+        except Exception as exc:  # a probe reports any failure, whatever its type
+            checks[name] = f"error: {type(exc).__name__}"
+
+    def db() -> None:
+        with svc.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    probe("postgres", db)
+    probe("redis", svc.queue.ping)
+    probe("s3", svc.storage.ping)
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks},
+                        status_code=200 if ok else 503)

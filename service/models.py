@@ -1,0 +1,190 @@
+"""The tables, as SQLAlchemy 2 mapped classes. Alembic migrations are the schema's source."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class JobStatus(enum.StrEnum):
+    """The gateway's own job states (see DESIGN.md: the job's life)."""
+
+    queued = "queued"
+    submitting = "submitting"
+    running = "running"
+    finalizing = "finalizing"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        """True for the three states a job never leaves."""
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
+ACTIVE = tuple(s for s in JobStatus if s not in TERMINAL)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    prompt: Mapped[str] = mapped_column(Text, nullable=False)
+    steps: Mapped[int] = mapped_column(Integer, nullable=False)
+    scale: Mapped[Decimal] = mapped_column(Numeric(6, 3), nullable=False)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
+    # Set when a worker claims the job for Run; only the hash of the token is kept.
+    callback_token_hash: Mapped[str | None] = mapped_column(String(64))
+
+    wiro_taskid: Mapped[str | None] = mapped_column(String(64), unique=True)
+    wiro_socket_token: Mapped[str | None] = mapped_column(String(128))
+    wiro_status: Mapped[str | None] = mapped_column(String(40))
+    wiro_outputs: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)
+    wiro_cost: Mapped[Decimal | None] = mapped_column(Numeric(18, 12))
+
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    # When a task message was last sent for this job; the sweep re-sends stale ones.
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set just before the Run request leaves: from then on Wiro may hold a task for us.
+    run_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Last word from Wiro about this job (callback, poll); drives the sweep's polling.
+    last_news_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    next_poll_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    poll_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    inputs: Mapped[list[JobInput]] = relationship(
+        back_populates="job", order_by="JobInput.position"
+    )
+    outputs: Mapped[list[JobOutput]] = relationship(
+        back_populates="job", order_by="JobOutput.position"
+    )
+    events: Mapped[list[JobEvent]] = relationship(
+        back_populates="job", order_by="JobEvent.id"
+    )
+
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('queued','submitting','running','finalizing','succeeded','failed','canceled')",
+            name="valid",
+        ),
+        Index("ix_jobs_created_at_id", "created_at", "id"),
+        Index("ix_jobs_status_created_at", "status", "created_at"),
+        Index(
+            "ix_jobs_active_updated",
+            "status",
+            "updated_at",
+            postgresql_where=text("status IN ('queued','submitting','running','finalizing')"),
+        ),
+    )
+
+
+class JobInput(Base):
+    """One input image in the order given; an uploaded file in S3 or a URL passed through."""
+
+    __tablename__ = "job_inputs"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), nullable=False)  # "file" | "url"
+    url: Mapped[str | None] = mapped_column(Text)
+    s3_key: Mapped[str | None] = mapped_column(Text)
+    filename: Mapped[str | None] = mapped_column(Text)
+    content_type: Mapped[str | None] = mapped_column(String(100))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+
+    job: Mapped[Job] = relationship(back_populates="inputs")
+
+
+class JobOutput(Base):
+    """One output image, copied from Wiro's URL into S3."""
+
+    __tablename__ = "job_outputs"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    s3_key: Mapped[str] = mapped_column(Text, nullable=False)
+    filename: Mapped[str] = mapped_column(Text, nullable=False)
+    content_type: Mapped[str] = mapped_column(String(100), nullable=False)
+    size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    source_url: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+    job: Mapped[Job] = relationship(back_populates="outputs")
+
+
+class JobEvent(Base):
+    """One row per state change (or notable fact): the job's timeline."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
+    )
+    from_status: Mapped[str | None] = mapped_column(String(16))
+    to_status: Mapped[str | None] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(32), nullable=False, server_default="transition")
+    detail: Mapped[dict[str, Any]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
+
+    job: Mapped[Job] = relationship(back_populates="events")

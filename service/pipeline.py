@@ -1,0 +1,352 @@
+"""What workers do to a job: submit it to Wiro, reconcile it with Wiro, finalize, cancel.
+
+Each step re-reads the job, acts only if the job is where the step expects it, and moves
+it with a guarded transition, so a step run twice (redelivery, sweep, racing callback)
+does nothing the second time. Follow-up work is sent through ``TaskQueue`` after commit.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import uuid
+from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import structlog
+from botocore.exceptions import BotoCoreError, ClientError
+from sqlalchemy import func
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from service import jobs
+from service.container import Services
+from service.db import transaction
+from service.models import Job, JobOutput
+from service.models import JobStatus as S
+from service.storage import StoredObject
+from service.wiro import (
+    QUEUED_STATUSES,
+    Outcome,
+    RunInput,
+    WiroError,
+    WiroRefused,
+    WiroRejected,
+    WiroTask,
+    WiroUncertain,
+)
+
+log = structlog.get_logger(__name__)
+
+CALLBACK_PATH = "/v1/wiro/callbacks/{job_id}"
+
+
+def callback_url(public_url: str, job_id: uuid.UUID, token: str) -> str:
+    """The URL Wiro calls when the job's task ends."""
+    return public_url.rstrip("/") + CALLBACK_PATH.format(job_id=job_id) + f"?token={token}"
+
+
+def backoff_s(attempt: int, *, base: float = 2.0, cap: float = 300.0) -> float:
+    """Full-jitter exponential backoff."""
+    return random.uniform(0, min(cap, base * 2**attempt))
+
+
+# -- submit ------------------------------------------------------------------------------
+
+
+def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
+    """Send a queued job to Wiro once; store its taskid the moment Wiro answers."""
+    token, token_hash = jobs.new_callback_token()
+    with transaction(svc.sessions) as s:
+        moved = jobs.transition(
+            s, job_id, S.submitting, from_=[S.queued], detail={"attempt": attempt},
+            callback_token_hash=token_hash, run_sent_at=None,
+        )
+        job = jobs.get(s, job_id) if moved else None
+    if job is None:
+        return
+    bound = log.bind(job_id=str(job_id))
+    try:
+        accepted = _run(svc, job, callback_url(svc.settings.public_url, job_id, token))
+    except WiroRefused as exc:
+        _after_refusal(svc, job, exc, attempt)
+        return
+    except WiroRejected as exc:
+        with transaction(svc.sessions) as s:
+            jobs.transition(
+                s, job_id, S.failed, from_=[S.submitting], detail=exc.as_detail(),
+                error_code="wiro_rejected", error_message=exc.message,
+            )
+        return
+    except WiroUncertain as exc:
+        # Wiro may hold a task for us. Never send a second Run: wait for the callback to
+        # name the task (see reconcile), or for the sweep to give up on it.
+        bound.warning("run_uncertain", error=exc.message)
+        with transaction(svc.sessions) as s:
+            jobs.note(s, job_id, "run_uncertain", exc.as_detail())
+        return
+    with transaction(svc.sessions) as s:
+        moved = jobs.transition(
+            s, job_id, S.running, from_=[S.submitting], detail={"taskid": accepted.taskid},
+            wiro_taskid=accepted.taskid, wiro_socket_token=accepted.socket_token,
+            wiro_status="task_queue", last_news_at=func.now(),
+        )
+        current = jobs.get(s, job_id, full=False)
+    bound.info("run_accepted", taskid=accepted.taskid, moved=bool(moved))
+    if current is not None and current.cancel_requested_at is not None:
+        cancel_at_wiro(svc, job_id)
+
+
+def _run(svc: Services, job: Job, callback: str) -> Any:
+    with ExitStack() as stack:
+        parts = []
+        for item in job.inputs:
+            if item.kind == "file" and item.s3_key:
+                f = stack.enter_context(svc.storage.download_spooled(item.s3_key))
+                parts.append(
+                    RunInput(file=f, filename=item.filename, content_type=item.content_type)
+                )
+            else:
+                parts.append(RunInput(url=item.url))
+        # From this commit on, Wiro may hold a task for this job.
+        with transaction(svc.sessions) as s:
+            jobs.update_fields(s, job.id, when=[S.submitting], run_sent_at=func.now())
+        return svc.wiro.run(
+            inputs=parts, prompt=job.prompt, steps=job.steps, scale=job.scale,
+            callback_url=callback,
+        )
+
+
+def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> None:
+    """Wiro certainly did not take the job: queue it again, or fail it past the deadline."""
+    age = (datetime.now(UTC) - job.created_at).total_seconds()
+    with transaction(svc.sessions) as s:
+        if age > svc.settings.submit_deadline_s:
+            jobs.transition(
+                s, job.id, S.failed, from_=[S.submitting], detail=exc.as_detail(),
+                error_code="wiro_unavailable",
+                error_message=f"Wiro kept refusing the job for {int(age)} s: {exc.message}",
+            )
+            return
+        delay = exc.retry_after if exc.retry_after is not None else backoff_s(attempt)
+        moved = jobs.transition(
+            s, job.id, S.queued, from_=[S.submitting], detail={**exc.as_detail(), "delay": delay},
+            run_sent_at=None, enqueued_at=func.now() + timedelta(seconds=delay),
+        )
+    if moved:
+        svc.queue.submit(job.id, countdown=delay, attempt=attempt + 1)
+
+
+# -- reconcile ---------------------------------------------------------------------------
+
+
+def reconcile(
+    svc: Services, job_id: uuid.UUID, *, source: str, taskid_hint: str | None = None
+) -> None:
+    """Read the job's task from Task/Detail and act on it; the callback body is only a hint."""
+    with transaction(svc.sessions) as s:
+        job = jobs.get(s, job_id, full=False)
+    if job is None or S(job.status).terminal:
+        return
+    if job.wiro_taskid is None:
+        if job.status == S.submitting and job.run_sent_at is not None and taskid_hint:
+            _adopt(svc, job, taskid_hint, source=source)
+        return
+    try:
+        task = svc.wiro.task_detail(taskid=job.wiro_taskid)
+    except WiroError as exc:
+        # The sweep polls again later; nothing is lost by giving up on this read.
+        log.warning("detail_failed", job_id=str(job_id), source=source, error=exc.message)
+        return
+    apply_task(svc, job_id, task, source=source)
+
+
+def _adopt(svc: Services, job: Job, taskid: str, *, source: str) -> None:
+    """Take over the task an uncertain Run created, once Task/Detail proves it is ours."""
+    try:
+        task = svc.wiro.task_detail(taskid=taskid)
+    except WiroError as exc:
+        log.warning("adopt_detail_failed", job_id=str(job.id), error=exc.message)
+        return
+    if not _callback_is_ours(task.callbackurl, job):
+        log.warning("adopt_refused", job_id=str(job.id), taskid=taskid)
+        return
+    with transaction(svc.sessions) as s:
+        jobs.transition(
+            s, job.id, S.running, from_=[S.submitting],
+            detail={"taskid": task.id, "adopted_from": source},
+            wiro_taskid=task.id, wiro_socket_token=task.socket_token,
+            wiro_status=task.status, last_news_at=func.now(),
+        )
+    apply_task(svc, job.id, task, source=source)
+
+
+def _callback_is_ours(url: str | None, job: Job) -> bool:
+    if not url or job.callback_token_hash is None:
+        return False
+    parts = urlsplit(url)
+    token = (parse_qs(parts.query).get("token") or [""])[0]
+    expected_path = CALLBACK_PATH.format(job_id=job.id)
+    return parts.path.endswith(expected_path) and jobs.token_matches(token, job.callback_token_hash)
+
+
+def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str) -> None:
+    """Move a running job as Wiro's task says (WIRO.md's outcome rules)."""
+    outcome = task.outcome
+    detail = {"source": source, "wiro_status": task.status}
+    common: dict[str, Any] = {"wiro_status": task.status, "last_news_at": func.now()}
+    if task.totalcost is not None:
+        common["wiro_cost"] = task.totalcost
+    with transaction(svc.sessions) as s:
+        if outcome is Outcome.running:
+            jobs.update_fields(s, job_id, when=[S.running], **common)
+            return
+        if outcome is Outcome.succeeded:
+            moved = jobs.transition(
+                s, job_id, S.finalizing, from_=[S.running], detail=detail,
+                wiro_outputs=[o.as_json() for o in task.outputs], **common,
+            )
+        elif outcome is Outcome.failed:
+            moved = jobs.transition(
+                s, job_id, S.failed, from_=[S.running], detail=detail,
+                error_code="wiro_task_failed", error_message=task.failure_message, **common,
+            )
+        else:
+            moved = jobs.transition(s, job_id, S.canceled, from_=[S.running], detail=detail, **common)
+    if moved and outcome is Outcome.succeeded:
+        svc.queue.finalize(job_id)
+
+
+# -- finalize ----------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def output_key(job_id: uuid.UUID, position: int, name: str) -> str:
+    """Where output ``position`` of a job lives in S3."""
+    safe = _UNSAFE.sub("_", name).strip("._") or "output"
+    return f"outputs/{job_id}/{position}-{safe[:100]}"
+
+
+def finalize(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
+    """Copy every output not yet copied from Wiro's URL into S3, then mark the job done."""
+    with transaction(svc.sessions) as s:
+        job = jobs.get(s, job_id)
+    if job is None or job.status != S.finalizing:
+        return
+    done = {o.position for o in job.outputs}
+    for n, out in enumerate(job.wiro_outputs or []):
+        if n in done:
+            continue
+        key = output_key(job_id, n, str(out.get("name") or f"{n}.png"))
+        try:
+            stored, ctype = copy_url(svc, str(out["url"]), key, str(out.get("content_type") or ""))
+        except (httpx.HTTPError, BotoCoreError, ClientError, OutputError) as exc:
+            _finalize_failed(svc, job_id, attempt, f"output {n}: {type(exc).__name__}: {exc}")
+            return
+        with transaction(svc.sessions) as s:
+            s.execute(
+                pg_insert(JobOutput)
+                .values(
+                    job_id=job_id, position=n, s3_key=key, filename=str(out.get("name")),
+                    content_type=ctype, size=stored.size, sha256=stored.sha256,
+                    source_url=str(out["url"]),
+                )
+                .on_conflict_do_nothing()
+            )
+    with transaction(svc.sessions) as s:
+        jobs.transition(
+            s, job_id, S.succeeded, from_=[S.finalizing],
+            detail={"outputs": len(job.wiro_outputs or [])},
+        )
+
+
+class OutputError(Exception):
+    """An output URL did not give us the file."""
+
+
+def copy_url(svc: Services, url: str, key: str, content_type: str) -> tuple[StoredObject, str]:
+    """Stream one output from its URL into S3 in bounded memory."""
+    with svc.http.stream("GET", url) as response:
+        if response.status_code != 200:
+            raise OutputError(f"GET {url} answered {response.status_code}")
+        ctype = content_type or response.headers.get("content-type", "application/octet-stream")
+        stored = svc.storage.put_stream(key, response.iter_bytes(1024 * 1024), content_type=ctype)
+        expected = response.headers.get("content-length")
+        if expected is not None and int(expected) != stored.size:
+            raise OutputError(f"GET {url} ended after {stored.size} of {expected} bytes")
+    return stored, ctype
+
+
+def _finalize_failed(svc: Services, job_id: uuid.UUID, attempt: int, message: str) -> None:
+    log.warning("finalize_failed", job_id=str(job_id), attempt=attempt, error=message)
+    with transaction(svc.sessions) as s:
+        if attempt + 1 >= svc.settings.finalize_attempts:
+            jobs.transition(
+                s, job_id, S.failed, from_=[S.finalizing],
+                detail={"attempts": attempt + 1, "error": message},
+                error_code="output_copy_failed", error_message=message,
+            )
+            return
+        jobs.note(s, job_id, "finalize_retry", {"attempt": attempt, "error": message})
+        delay = backoff_s(attempt, base=2.0, cap=120.0)
+        jobs.update_fields(
+            s, job_id, when=[S.finalizing],
+            enqueued_at=func.now() + timedelta(seconds=delay),
+        )
+    svc.queue.finalize(job_id, attempt=attempt + 1, countdown=delay)
+
+
+# -- cancel ------------------------------------------------------------------------------
+
+
+class NotCancelable(Exception):
+    """The job is past the point where it can be canceled."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(f"a {status} job cannot be canceled")
+        self.status = status
+
+
+def request_cancel(svc: Services, job_id: uuid.UUID) -> bool:
+    """Cancel locally when Wiro has nothing yet; otherwise ask a worker to. True if done now."""
+    with transaction(svc.sessions) as s:
+        if jobs.transition(s, job_id, S.canceled, from_=[S.queued], detail={"by": "client"}):
+            return True
+        job = jobs.get(s, job_id, full=False)
+        if job is None:
+            raise LookupError(job_id)
+        if job.status == S.canceled:
+            return True
+        if job.status not in (S.submitting, S.running):
+            raise NotCancelable(job.status)
+        jobs.update_fields(
+            s, job_id, when=[S.submitting, S.running], cancel_requested_at=func.now()
+        )
+    svc.queue.cancel(job_id)
+    return False
+
+
+def cancel_at_wiro(svc: Services, job_id: uuid.UUID) -> None:
+    """Task/Cancel while Wiro queues the task, Task/Kill once it runs."""
+    with transaction(svc.sessions) as s:
+        job = jobs.get(s, job_id, full=False)
+    if job is None or job.status != S.running or job.wiro_taskid is None:
+        return  # a job still submitting is canceled by submit once Wiro names its task
+    try:
+        if job.wiro_status in QUEUED_STATUSES:
+            try:
+                task = svc.wiro.cancel(taskid=job.wiro_taskid)
+            except WiroRejected:
+                task = svc.wiro.kill(taskid=job.wiro_taskid)  # it left the queue meanwhile
+        else:
+            task = svc.wiro.kill(taskid=job.wiro_taskid)
+    except WiroError as exc:
+        log.warning("cancel_failed", job_id=str(job_id), error=exc.message)
+        with transaction(svc.sessions) as s:
+            jobs.note(s, job_id, "cancel_failed", exc.as_detail())
+        reconcile(svc, job_id, source="cancel")
+        return
+    apply_task(svc, job_id, task, source="cancel")

@@ -1,0 +1,77 @@
+"""Sends Celery tasks by name: the only place the gateway and the domain touch the broker.
+
+Callers send after their transaction has committed. A send lost after the commit (broker
+down, process killed) is what the sweep repairs: PostgreSQL, not Redis, holds the truth.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from celery import Celery
+
+QUEUE = "dreamgate"
+SUBMIT = "dreamgate.submit"
+RECONCILE = "dreamgate.reconcile"
+FINALIZE = "dreamgate.finalize"
+CANCEL = "dreamgate.cancel"
+SWEEP = "dreamgate.sweep"
+
+# A message older than this is dropped by the worker; the sweep re-sends what still matters.
+EXPIRES_S = 3600
+
+
+def make_celery(redis_url: str, *, name: str = "dreamgate") -> Celery:
+    """A Celery app configured for at-least-once delivery on Redis."""
+    app = Celery(name, broker=redis_url)
+    app.conf.update(
+        task_default_queue=QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 3600},
+        task_serializer="json",
+        accept_content=["json"],
+        timezone="UTC",
+    )
+    return app
+
+
+class TaskQueue:
+    """Typed senders for the workers' tasks."""
+
+    def __init__(self, celery: Celery) -> None:
+        self._celery = celery
+
+    def _send(self, name: str, *args: Any, countdown: float | None = None) -> None:
+        self._celery.send_task(
+            name, args=list(args), queue=QUEUE, countdown=countdown, expires=EXPIRES_S
+        )
+
+    def submit(
+        self, job_id: uuid.UUID, *, attempt: int = 0, countdown: float | None = None
+    ) -> None:
+        """Ask a worker to send the job to Wiro."""
+        self._send(SUBMIT, str(job_id), attempt, countdown=countdown)
+
+    def reconcile(self, job_id: uuid.UUID, *, source: str, taskid: str | None = None) -> None:
+        """Ask a worker to read the job's task from Wiro and act on it."""
+        self._send(RECONCILE, str(job_id), source, taskid)
+
+    def finalize(
+        self, job_id: uuid.UUID, *, attempt: int = 0, countdown: float | None = None
+    ) -> None:
+        """Ask a worker to copy the job's outputs to S3 and finish it."""
+        self._send(FINALIZE, str(job_id), attempt, countdown=countdown)
+
+    def cancel(self, job_id: uuid.UUID) -> None:
+        """Ask a worker to cancel or kill the job's task at Wiro."""
+        self._send(CANCEL, str(job_id))
+
+    def ping(self) -> None:
+        """Raise unless the broker answers."""
+        with self._celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)

@@ -1,0 +1,170 @@
+"""S3 through boto3: streamed puts that hash as they go, streamed gets, presigned URLs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+# 8 MiB parts and 4 in flight bound a copy's memory to about 32 MiB whatever its size.
+TRANSFER = TransferConfig(
+    multipart_threshold=8 * 1024 * 1024,
+    multipart_chunksize=8 * 1024 * 1024,
+    max_concurrency=4,
+    use_threads=True,
+)
+SPOOL_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """What was written: where, how many bytes, and their sha256."""
+
+    key: str
+    size: int
+    sha256: str
+
+
+class TooLarge(Exception):
+    """A stream went past the size it was allowed."""
+
+
+class HashingReader(io.RawIOBase):
+    """A read-only stream over ``source`` that counts and hashes what passes through.
+
+    Written by hand because boto3 computes checksums only for its own purposes and does
+    not hand them back; this lets one pass over the bytes give the sha256 we record.
+    """
+
+    def __init__(self, source: IO[bytes] | Iterator[bytes], *, limit: int | None = None) -> None:
+        self._source = source
+        self._iter: Iterator[bytes] | None = None if hasattr(source, "read") else source
+        self._buffer = b""
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._limit = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b)
+        want = len(view)
+        if self._iter is not None:
+            while not self._buffer:
+                try:
+                    self._buffer = next(self._iter)
+                except StopIteration:
+                    return 0
+            chunk, self._buffer = self._buffer[:want], self._buffer[want:]
+        else:
+            chunk = self._source.read(want)  # type: ignore[union-attr]
+        n = len(chunk)
+        view[:n] = chunk
+        self._hash.update(chunk)
+        self.size += n
+        if self._limit is not None and self.size > self._limit:
+            raise TooLarge(f"more than {self._limit} bytes")
+        return n
+
+    @property
+    def sha256(self) -> str:
+        """Hex digest of every byte read so far."""
+        return self._hash.hexdigest()
+
+
+class Storage:
+    """One bucket on an S3-compatible server."""
+
+    def __init__(self, client: S3Client, bucket: str) -> None:
+        self._s3 = client
+        self.bucket = bucket
+
+    @classmethod
+    def from_settings(
+        cls, *, endpoint_url: str | None, region: str, bucket: str
+    ) -> Storage:
+        """A client built from our settings; credentials come from boto3's usual chain."""
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=Config(
+                retries={"mode": "standard", "max_attempts": 5},
+                connect_timeout=5,
+                read_timeout=60,
+                s3={"addressing_style": "path"} if endpoint_url else None,
+                # moto and older S3-compatible servers reject the new default checksums.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+        return cls(client, bucket)
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it is missing (embedded and test servers start empty)."""
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self._s3.create_bucket(Bucket=self.bucket)
+
+    def ping(self) -> None:
+        """Raise unless the bucket answers."""
+        self._s3.head_bucket(Bucket=self.bucket)
+
+    def put_stream(
+        self,
+        key: str,
+        source: IO[bytes] | Iterator[bytes],
+        *,
+        content_type: str,
+        limit: int | None = None,
+    ) -> StoredObject:
+        """Stream ``source`` into ``key`` in bounded memory, hashing it on the way."""
+        reader = HashingReader(source, limit=limit)
+        self._s3.upload_fileobj(
+            io.BufferedReader(reader, buffer_size=1024 * 1024),
+            self.bucket,
+            key,
+            ExtraArgs={"ContentType": content_type},
+            Config=TRANSFER,
+        )
+        return StoredObject(key=key, size=reader.size, sha256=reader.sha256)
+
+    def download_spooled(self, key: str) -> IO[bytes]:
+        """The object in a seekable temp file (memory up to 4 MiB, then disk)."""
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - caller closes
+        self._s3.download_fileobj(self.bucket, key, spool, Config=TRANSFER)
+        spool.seek(0)
+        return spool  # type: ignore[return-value]
+
+    def read(self, key: str) -> bytes:
+        """A whole (small) object; for tests and tools, never for images in the pipeline."""
+        return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every object under ``prefix`` (a job's uploads when its creation fails)."""
+        pages = self._s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        for page in pages:
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})  # type: ignore[typeddict-item]
+
+    def presigned_get(self, key: str, *, ttl_s: int) -> str:
+        """A time-limited GET URL for ``key``."""
+        return self._s3.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=ttl_s
+        )

@@ -1,0 +1,86 @@
+"""The periodic sweep: poll Wiro for silent jobs and re-send work a crash left behind."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+import structlog
+
+from service import jobs
+from service.container import Services
+from service.db import transaction
+from service.models import JobStatus as S
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class SweepReport:
+    """What one sweep did, by kind of repair."""
+
+    polled: int = 0
+    resubmitted: int = 0
+    requeued_unsent: int = 0
+    failed_uncertain: int = 0
+    refinalized: int = 0
+
+
+def sweep(svc: Services) -> SweepReport:
+    """One pass; safe to run concurrently with itself and with the workers."""
+    cfg = svc.settings
+    grace = timedelta(seconds=cfg.callback_grace_s)
+    stuck = timedelta(seconds=cfg.stuck_after_s)
+    report = SweepReport()
+
+    with transaction(svc.sessions) as s:
+        polls = jobs.due_polls(s, grace=grace, batch=cfg.sweep_batch)
+    for job_id in polls:
+        svc.queue.reconcile(job_id, source="sweep")
+    report.polled = len(polls)
+
+    # Queued with a lost message (broker down, worker killed before ack): send it again.
+    with transaction(svc.sessions) as s:
+        queued = jobs.stale(s, S.queued, older_than=stuck, batch=cfg.sweep_batch)
+    for job in queued:
+        svc.queue.submit(job.id)
+    report.resubmitted = len(queued)
+
+    # Claimed for submit, but the Run never left (worker died first): safe to send again.
+    with transaction(svc.sessions) as s:
+        unsent = jobs.stale(s, S.submitting, older_than=stuck, batch=cfg.sweep_batch,
+                            run_sent_at=None)
+        moved = [
+            job.id for job in unsent
+            if jobs.transition(s, job.id, S.queued, from_=[S.submitting],
+                               detail={"reason": "worker lost before Run was sent"})
+        ]
+    for job_id in moved:
+        svc.queue.submit(job_id)
+    report.requeued_unsent = len(moved)
+
+    # A Run that may have reached Wiro and never named its task: fail rather than risk two.
+    with transaction(svc.sessions) as s:
+        uncertain = jobs.uncertain_runs(
+            s, older_than=timedelta(seconds=cfg.run_uncertain_wait_s), batch=cfg.sweep_batch
+        )
+        for job_id in uncertain:
+            if jobs.transition(
+                s, job_id, S.failed, from_=[S.submitting], detail={"reason": "run_uncertain"},
+                error_code="wiro_run_uncertain",
+                error_message=(
+                    "The Run request may have reached Wiro but no task was ever named; "
+                    "it was not sent again to avoid a second task."
+                ),
+            ):
+                report.failed_uncertain += 1
+
+    with transaction(svc.sessions) as s:
+        finalizing = jobs.stale(s, S.finalizing, older_than=stuck, batch=cfg.sweep_batch)
+    for job in finalizing:
+        svc.queue.finalize(job.id)
+    report.refinalized = len(finalizing)
+
+    if any(asdict(report).values()):
+        log.info("sweep", **asdict(report))
+    return report

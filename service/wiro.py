@@ -1,0 +1,404 @@
+"""Wiro's HTTP API: signing, Run, Task/Detail, Task/Kill, Task/Cancel, and typed errors.
+
+Retry policy (also in the README):
+
+* Task/Detail, Kill and Cancel are safe to repeat; they are retried here on connection
+  errors, timeouts, 408, 429, 5xx and Wiro error code 96, up to ``attempts`` times with
+  jittered exponential backoff, honouring ``Retry-After`` (capped).
+* Run is never retried here. Its failures are classified so the caller can decide:
+  ``WiroRefused`` means Wiro certainly did not accept the task (the connection was never
+  made, or Wiro answered 429/503 or code 96) and it is safe to send again later;
+  ``WiroUncertain`` means the request may have created a task (read timeout, 500/502/504,
+  an unreadable answer) and it must not be sent again; ``WiroRejected`` means Wiro said
+  no for good (validation, balance, auth).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import IO, Any
+
+import httpx
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+RUNNING_STATUSES = frozenset(
+    {
+        "task_queue",
+        "task_accept",
+        "task_assign",
+        "task_preprocess_start",
+        "task_preprocess_end",
+        "task_start",
+        "task_output",
+        "task_output_full",
+        "task_end",
+        "task_postprocess_start",
+    }
+)
+QUEUED_STATUSES = frozenset({"task_queue"})
+
+CODE_VALIDATION = 0
+CODE_NOT_FOUND = 1
+CODE_CONCURRENCY = 96
+CODE_BALANCE = 97
+MAX_RETRY_AFTER_S = 60.0
+
+
+class WiroError(Exception):
+    """Any failure talking to Wiro."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        http_status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.http_status = http_status
+        self.retry_after = retry_after
+
+    def as_detail(self) -> dict[str, Any]:
+        """A JSON-able description for the job's timeline."""
+        return {
+            "error": type(self).__name__,
+            "message": self.message,
+            "code": self.code,
+            "http_status": self.http_status,
+            "retry_after": self.retry_after,
+        }
+
+
+class WiroRefused(WiroError):
+    """Wiro certainly did not act on the request; sending it again later is safe."""
+
+
+class WiroUncertain(WiroError):
+    """The request may or may not have taken effect at Wiro."""
+
+
+class WiroRejected(WiroError):
+    """Wiro refused the request for good (validation, balance, authentication, not found)."""
+
+
+class Outcome(StrEnum):
+    """What a Wiro task means for our job, per WIRO.md."""
+
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+
+@dataclass(frozen=True)
+class WiroOutput:
+    """One output file as Wiro lists it."""
+
+    name: str
+    url: str
+    content_type: str
+    size: int | None
+
+    def as_json(self) -> dict[str, Any]:
+        """The form kept in ``jobs.wiro_outputs``."""
+        return {
+            "name": self.name,
+            "url": self.url,
+            "content_type": self.content_type,
+            "size": self.size,
+        }
+
+
+@dataclass(frozen=True)
+class WiroTask:
+    """The fields of a Task/Detail task object that the gateway acts on."""
+
+    id: str
+    status: str
+    socket_token: str | None = None
+    pexit: str | None = None
+    debugerror: str = ""
+    outputs: tuple[WiroOutput, ...] = ()
+    totalcost: Decimal | None = None
+    callbackurl: str | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def outcome(self) -> Outcome:
+        """Classify the task as WIRO.md says: terminal statuses, pexit and outputs decide."""
+        if self.status == "task_cancel":
+            return Outcome.canceled
+        if self.status == "task_error":
+            return Outcome.failed
+        if self.status == "task_postprocess_end":
+            ok = self.pexit in (None, "", "0") and bool(self.outputs)
+            return Outcome.succeeded if ok else Outcome.failed
+        return Outcome.running
+
+    @property
+    def failure_message(self) -> str:
+        """Wiro's reason for a failed task, never empty."""
+        if self.debugerror.strip():
+            return self.debugerror.strip()
+        if self.status == "task_postprocess_end" and not self.outputs:
+            return f"Wiro finished the task without outputs (pexit {self.pexit or '0'})"
+        return f"Wiro task ended with status {self.status} (pexit {self.pexit or 'n/a'})"
+
+
+@dataclass(frozen=True)
+class RunAccepted:
+    """Run's answer: the task Wiro created for us."""
+
+    taskid: str
+    socket_token: str | None
+
+
+@dataclass(frozen=True)
+class RunInput:
+    """One ``inputImage`` part: an open file, or a URL passed as a plain value."""
+
+    url: str | None = None
+    file: IO[bytes] | None = None
+    filename: str | None = None
+    content_type: str | None = None
+
+
+def sign(api_key: str, api_secret: str, nonce: str) -> str:
+    """Wiro's signature: hex HMAC-SHA256 keyed with the API key over secret + nonce."""
+    return hmac.new(api_key.encode(), (api_secret + nonce).encode(), hashlib.sha256).hexdigest()
+
+
+def parse_task(obj: Mapping[str, Any]) -> WiroTask:
+    """Read a task object; tolerant of Wiro's strings-for-numbers and missing fields."""
+    outputs = tuple(
+        WiroOutput(
+            name=str(o.get("name") or f"{n}.bin"),
+            url=str(o["url"]),
+            content_type=str(o.get("contenttype") or "application/octet-stream"),
+            size=_int_or_none(o.get("size")),
+        )
+        for n, o in enumerate(obj.get("outputs") or [])
+        if isinstance(o, Mapping) and o.get("url")
+    )
+    pexit = obj.get("pexit")
+    return WiroTask(
+        id=str(obj.get("id", "")),
+        status=str(obj.get("status", "")),
+        socket_token=obj.get("socketaccesstoken"),
+        pexit=None if pexit is None else str(pexit),
+        debugerror=str(obj.get("debugerror") or ""),
+        outputs=outputs,
+        totalcost=_decimal_or_none(obj.get("totalcost")),
+        callbackurl=obj.get("callbackurl") or None,
+        raw=dict(obj),
+    )
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _decimal_or_none(value: Any) -> Decimal | None:
+    try:
+        return None if value in (None, "") else Decimal(str(value))
+    except InvalidOperation:
+        return None
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
+    except ValueError:
+        return None
+
+
+def _wait_honouring_retry_after(state: RetryCallState) -> float:
+    exc = state.outcome.exception() if state.outcome else None
+    if isinstance(exc, WiroError) and exc.retry_after is not None:
+        return exc.retry_after
+    return float(wait_random_exponential(multiplier=0.5, max=10)(state))
+
+
+class WiroClient:
+    """A synchronous client for Wiro's v1 API; one per process, shared by threads."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str,
+        api_secret: str | None,
+        model: str,
+        timeout_s: float = 30.0,
+        attempts: int = 4,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._api_key = api_key
+        self._api_secret = api_secret or None
+        self._model = model.strip("/")
+        self._attempts = attempts
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/") + "/",
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+            follow_redirects=False,
+            transport=transport,
+            headers={"user-agent": "dreamgate/0.1"},
+        )
+
+    def close(self) -> None:
+        """Release the connection pool."""
+        self._http.close()
+
+    def headers(self) -> dict[str, str]:
+        """Authentication headers: key alone in API-key-only mode, else key, nonce, signature."""
+        headers = {"x-api-key": self._api_key}
+        if self._api_secret:
+            nonce = str(time.time_ns() // 1000)
+            headers["x-nonce"] = nonce
+            headers["x-signature"] = sign(self._api_key, self._api_secret, nonce)
+        return headers
+
+    # -- Run ---------------------------------------------------------------------------
+
+    def run(
+        self,
+        *,
+        inputs: Sequence[RunInput],
+        prompt: str,
+        steps: int,
+        scale: float | Decimal,
+        callback_url: str | None,
+    ) -> RunAccepted:
+        """Start one task. Never retried here: see the module's policy."""
+        parts: list[tuple[str, Any]] = []
+        for item in inputs:
+            if item.file is not None:
+                filename = item.filename or "image"
+                ctype = item.content_type or "application/octet-stream"
+                parts.append(("inputImage", (filename, item.file, ctype)))
+            else:
+                parts.append(("inputImage", (None, item.url or "")))
+        parts += [
+            ("prompt", (None, prompt)),
+            ("steps", (None, str(steps))),
+            ("scale", (None, _format_scale(scale))),
+        ]
+        if callback_url:
+            parts.append(("callbackUrl", (None, callback_url)))
+        try:
+            response = self._http.post(f"Run/{self._model}", files=parts, headers=self.headers())
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # The connection never opened, so nothing reached Wiro.
+            raise WiroRefused(f"could not connect to Wiro: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise WiroUncertain(f"Run failed after sending: {type(exc).__name__}: {exc}") from exc
+        body = self._check(response, certain_statuses=frozenset({429, 503}))
+        taskid = body.get("taskid")
+        if not taskid:
+            raise WiroUncertain("Run answered without a taskid", http_status=response.status_code)
+        return RunAccepted(taskid=str(taskid), socket_token=body.get("socketaccesstoken"))
+
+    # -- idempotent calls ----------------------------------------------------------------
+
+    def task_detail(self, *, taskid: str | None = None, tasktoken: str | None = None) -> WiroTask:
+        """The task as Wiro sees it now, by taskid or socket access token."""
+        data = {"taskid": taskid} if taskid else {"tasktoken": tasktoken or ""}
+        body = self._retrying("Task/Detail", data)
+        return self._first_task(body)
+
+    def kill(self, *, taskid: str) -> WiroTask:
+        """Stop a running task; Wiro answers with the task, normally ``task_cancel``."""
+        return self._first_task(self._retrying("Task/Kill", {"taskid": taskid}))
+
+    def cancel(self, *, taskid: str) -> WiroTask:
+        """Remove a task still in Wiro's queue."""
+        return self._first_task(self._retrying("Task/Cancel", {"taskid": taskid}))
+
+    def _first_task(self, body: Mapping[str, Any]) -> WiroTask:
+        tasks = body.get("tasklist") or []
+        if not tasks or not isinstance(tasks[0], Mapping):
+            raise WiroRejected("Wiro answered without a task", code=CODE_NOT_FOUND)
+        return parse_task(tasks[0])
+
+    def _retrying(self, path: str, data: Mapping[str, str]) -> Mapping[str, Any]:
+        retrying = Retrying(
+            retry=retry_if_exception_type((WiroRefused, WiroUncertain)),
+            stop=stop_after_attempt(self._attempts),
+            wait=_wait_honouring_retry_after,
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt:
+                return self._post_once(path, data)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _post_once(self, path: str, data: Mapping[str, str]) -> Mapping[str, Any]:
+        # Wiro documents multipart/form-data for every call; send exactly that.
+        files = [(k, (None, v)) for k, v in data.items()]
+        try:
+            response = self._http.post(path, files=files, headers=self.headers())
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise WiroRefused(f"could not connect to Wiro: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise WiroUncertain(f"{path} failed: {type(exc).__name__}: {exc}") from exc
+        return self._check(response, certain_statuses=frozenset({408, 429, 503}))
+
+    # -- answers -------------------------------------------------------------------------
+
+    def _check(
+        self, response: httpx.Response, *, certain_statuses: frozenset[int]
+    ) -> Mapping[str, Any]:
+        """Check the HTTP status and Wiro's ``result`` flag; raise the matching error."""
+        status = response.status_code
+        retry_after = _retry_after(response)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        error = _first_error(body)
+        code = error[0] if error else None
+        message = error[1] if error else f"HTTP {status} from Wiro"
+        kwargs: dict[str, Any] = {"code": code, "http_status": status, "retry_after": retry_after}
+        if status in certain_statuses or code == CODE_CONCURRENCY:
+            raise WiroRefused(message, **kwargs)
+        if status >= 500 or (status == 200 and not isinstance(body, Mapping)):
+            raise WiroUncertain(message, **kwargs)
+        if status >= 400 or not isinstance(body, Mapping) or body.get("result") is not True:
+            raise WiroRejected(message, **kwargs)
+        return body
+
+
+def _first_error(body: Any) -> tuple[int | None, str] | None:
+    if not isinstance(body, Mapping):
+        return None
+    errors = body.get("errors") or []
+    if not errors or not isinstance(errors[0], Mapping):
+        return None
+    return _int_or_none(errors[0].get("code")), str(errors[0].get("message") or "")
+
+
+def _format_scale(scale: float | Decimal) -> str:
+    # Wiro takes scale as a string; "3.5", not "3.500".
+    text = format(Decimal(str(scale)).normalize(), "f")
+    return text

@@ -1,0 +1,42 @@
+"""Thin task shells: each opens nothing itself and calls one function of ``service``."""
+
+from __future__ import annotations
+
+import uuid
+
+from service import pipeline
+from service.queue import CANCEL, FINALIZE, RECONCILE, SUBMIT, SWEEP
+from service.sweep import sweep as run_sweep
+from workers.app import app, services
+
+
+@app.task(name=SUBMIT, ignore_result=True)
+def submit(job_id: str, attempt: int = 0) -> None:
+    """Send a queued job to Wiro."""
+    pipeline.submit(services(), uuid.UUID(job_id), attempt=attempt)
+
+
+@app.task(name=RECONCILE, ignore_result=True)
+def reconcile(job_id: str, source: str, taskid: str | None = None) -> None:
+    """Read the job's task from Wiro and act on what it says."""
+    pipeline.reconcile(services(), uuid.UUID(job_id), source=source, taskid_hint=taskid)
+
+
+@app.task(name=FINALIZE, ignore_result=True)
+def finalize(job_id: str, attempt: int = 0) -> None:
+    """Copy the job's outputs to S3 and mark it succeeded."""
+    pipeline.finalize(services(), uuid.UUID(job_id), attempt=attempt)
+
+
+@app.task(name=CANCEL, ignore_result=True)
+def cancel(job_id: str) -> None:
+    """Cancel or kill the job's task at Wiro."""
+    pipeline.cancel_at_wiro(services(), uuid.UUID(job_id))
+
+
+@app.task(name=SWEEP, ignore_result=True)
+def sweep() -> dict[str, int]:
+    """Poll silent jobs and re-send work a crash left behind."""
+    from dataclasses import asdict
+
+    return asdict(run_sweep(services()))
