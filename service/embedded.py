@@ -125,9 +125,9 @@ def _let_others_traverse(path: Path) -> None:
 
 
 class ManagedProcess:
-    """A child server process with a port: start, wait until it listens, stop."""
+    """A child process, with the port it serves if any: start, wait until it listens, stop."""
 
-    def __init__(self, name: str, argv: list[str], port: int, *, log: Path | None = None,
+    def __init__(self, name: str, argv: list[str], port: int | None, *, log: Path | None = None,
                  env: dict[str, str] | None = None) -> None:
         self.name, self.argv, self.port, self.log, self.env = name, argv, port, log, env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -140,17 +140,29 @@ class ManagedProcess:
             out = self.log.open("ab")
         self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
                                      env=self.env, start_new_session=True)
-        wait_for_port(self.port, timeout=timeout, proc=self.proc, name=self.name)
+        if self.port is not None:
+            wait_for_port(self.port, timeout=timeout, proc=self.proc, name=self.name)
+
+    @property
+    def running(self) -> bool:
+        """True while the process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the process group: a crash, not a shutdown."""
+        if self.running and self.proc is not None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """Terminate, then kill if it does not exit in time."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.terminate()
+        os.killpg(self.proc.pid, 15)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, 9)
             self.proc.wait()
 
 

@@ -1,0 +1,79 @@
+"""Simulator configuration: identity, timing and fault-injection knobs."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FailMode = Literal["none", "pexit", "task_error"]
+CallbackBody = Literal["task", "empty", "lying"]
+OutputMode = Literal["ok", "404", "stall", "truncate"]
+
+ENV_PREFIX = "WIROSIM_"
+
+
+class Fault(BaseModel):
+    """One queued fault, consumed by the next Run (or Task/Detail) call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    http_status: int = Field(default=500, ge=100, le=599)
+    code: int | None = None
+    retry_after: int | None = Field(default=None, ge=0)
+    create_task: bool = False
+    hang_s: float | None = Field(default=None, ge=0)
+
+
+class SimConfig(BaseModel):
+    """Everything the simulator can be told; every field is also a runtime knob."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: str = "sim-key"
+    api_secret: str = ""
+    public_url: str = "http://127.0.0.1:8100"
+    model: str = "xiabs/dreamomni2"
+    task_duration_s: float = Field(default=2.0, ge=0)
+    fail_mode: FailMode = "none"
+    drop_callbacks: float = Field(default=0.0, ge=0, le=1)
+    repeat_callbacks: int = Field(default=0, ge=0)
+    callback_delay_s: float = Field(default=0.0, ge=0)
+    callback_body: CallbackBody = "task"
+    run_errors: list[Fault] = Field(default_factory=list)
+    detail_errors: list[Fault] = Field(default_factory=list)
+    max_concurrency: int | None = Field(default=None, ge=1)
+    output_mode: OutputMode = "ok"
+    output_size_bytes: int | None = Field(default=None, ge=0)
+    output_stall_s: float = Field(default=60.0, ge=0)
+
+    @property
+    def base_url(self) -> str:
+        """Public URL without a trailing slash."""
+        return self.public_url.rstrip("/")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SimConfig:
+        """Build a config from WIROSIM_* environment variables (field name upper-cased)."""
+        env = os.environ if environ is None else environ
+        raw: dict[str, Any] = {}
+        for name in cls.model_fields:
+            value = env.get(ENV_PREFIX + name.upper())
+            if value is None:
+                continue
+            if name in ("run_errors", "detail_errors"):
+                raw[name] = json.loads(value) if value.strip() else []
+            elif name in ("max_concurrency", "output_size_bytes") and not value.strip():
+                raw[name] = None
+            else:
+                raw[name] = value
+        return cls.model_validate(raw)
+
+    def updated(self, patch: Mapping[str, Any]) -> SimConfig:
+        """Return a validated copy with the keys of ``patch`` replaced."""
+        merged = self.model_dump()
+        merged.update(patch)
+        return SimConfig.model_validate(merged)

@@ -1,0 +1,440 @@
+"""Task store, task lifecycle and callback delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import secrets
+import string
+import time
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from PIL import Image
+
+from wirosim.config import FailMode, SimConfig
+from wirosim.images import decode_image, pad_png, render_output
+
+logger = logging.getLogger("wirosim")
+
+RUNNING_STATUSES: tuple[str, ...] = (
+    "task_queue",
+    "task_accept",
+    "task_assign",
+    "task_preprocess_start",
+    "task_preprocess_end",
+    "task_start",
+    "task_output",
+    "task_output_full",
+    "task_end",
+    "task_postprocess_start",
+)
+SUCCESS_STATUS = "task_postprocess_end"
+TERMINAL_STATUSES = frozenset({SUCCESS_STATUS, "task_cancel", "task_error"})
+TIME_FIELDS: dict[str, str] = {
+    "task_queue": "createtime",
+    "task_accept": "accepttime",
+    "task_assign": "assigntime",
+    "task_preprocess_start": "preprocessstarttime",
+    "task_preprocess_end": "preprocessendtime",
+    "task_start": "starttime",
+    "task_end": "endtime",
+    "task_postprocess_start": "postprocessstarttime",
+    "task_postprocess_end": "postprocessendtime",
+    "task_cancel": "canceltime",
+}
+ALL_TIME_FIELDS = tuple(dict.fromkeys(TIME_FIELDS.values()))
+CPS = "0.000585000000"
+SUCCESS_COST = "0.003500000000"
+CATEGORIES = json.dumps(
+    ["persistent", "h100", "checkpoint-folder", "image-to-image", "model", "image-editing"],
+    separators=(",", ":"),
+)
+FETCH_TIMEOUT_S = 10.0
+CALLBACK_TIMEOUT_S = 10.0
+OUTPUT_NAME = "0.png"
+
+
+def random_token(length: int = 30) -> str:
+    """Random alphanumeric token like Wiro's socketaccesstoken."""
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+@dataclass
+class StoredFile:
+    """An uploaded input file, served at /v1/File/{token}/{filename}."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass
+class InputRef:
+    """One inputImage value: its public URL and, for uploads, its bytes."""
+
+    url: str
+    data: bytes | None = None
+
+
+@dataclass
+class Task:
+    """A simulated Wiro task."""
+
+    id: str
+    socketaccesstoken: str
+    prompt: str
+    steps: int
+    scale: str
+    inputs: list[InputRef]
+    callbackurl: str
+    base_url: str
+    fail_mode: FailMode
+    duration_s: float
+    output_size_bytes: int | None
+    uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    status: str = "task_queue"
+    times: dict[str, float] = field(default_factory=dict)
+    debugerror: str = ""
+    pexit: str = ""
+    totalcost: str = "0"
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        """True once the task reached a final status."""
+        return self.status in TERMINAL_STATUSES
+
+    def set_status(self, status: str) -> None:
+        """Move to ``status`` and stamp the matching timestamp."""
+        self.status = status
+        time_field = TIME_FIELDS.get(status)
+        if time_field is not None:
+            self.times[time_field] = time.time()
+
+    def parameters(self) -> dict[str, Any]:
+        """The Run parameters as Wiro echoes them."""
+        urls = [ref.url for ref in self.inputs]
+        return {
+            "inputImage": urls[0] if len(urls) == 1 else urls,
+            "prompt": self.prompt,
+            "steps": str(self.steps),
+            "scale": self.scale,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The task object exactly as Task/Detail returns it."""
+        stamps = {name: str(int(self.times.get(name, 0))) for name in ALL_TIME_FIELDS}
+        start = self.times.get("starttime")
+        end = self.times.get("endtime") or self.times.get("canceltime")
+        elapsed = max(0.0, end - start) if start is not None and end is not None else 0.0
+        size = sum(int(out["size"]) for out in self.outputs)
+        return {
+            "id": self.id,
+            "uuid": self.uuid,
+            "name": "",
+            "socketaccesstoken": self.socketaccesstoken,
+            "parameters": self.parameters(),
+            "debugoutput": "",
+            "debugerror": self.debugerror,
+            "starttime": stamps["starttime"],
+            "endtime": stamps["endtime"],
+            "elapsedseconds": f"{elapsed:.4f}",
+            "status": self.status,
+            "cps": CPS,
+            "totalcost": self.totalcost,
+            "guestid": None,
+            "projectid": "699",
+            "modelid": "598",
+            "description": "",
+            "basemodelid": "0",
+            "runtype": "model",
+            "modelfolderid": "",
+            "modelfileid": "",
+            "callbackurl": self.callbackurl,
+            "marketplaceid": None,
+            "createtime": stamps["createtime"],
+            "canceltime": stamps["canceltime"],
+            "assigntime": stamps["assigntime"],
+            "accepttime": stamps["accepttime"],
+            "preprocessstarttime": stamps["preprocessstarttime"],
+            "preprocessendtime": stamps["preprocessendtime"],
+            "postprocessstarttime": stamps["postprocessstarttime"],
+            "postprocessendtime": stamps["postprocessendtime"],
+            "pexit": self.pexit,
+            "categories": CATEGORIES,
+            "outputs": [dict(out) for out in self.outputs],
+            "size": str(size),
+        }
+
+
+def output_entry(base_url: str, task_uuid: str, size: int) -> dict[str, Any]:
+    """Build one entry of a task's ``outputs`` list."""
+    now = str(int(time.time()))
+    return {
+        "id": uuid.uuid4().hex,
+        "name": OUTPUT_NAME,
+        "contenttype": "image/png",
+        "parentid": uuid.uuid4().hex,
+        "uuid": task_uuid,
+        "size": str(size),
+        "addedtime": now,
+        "modifiedtime": now,
+        "accesskey": random_token(),
+        "foldercount": "0",
+        "filecount": "0",
+        "ispublic": 0,
+        "expiretime": None,
+        "url": f"{base_url}/cdn/{task_uuid}/{OUTPUT_NAME}",
+    }
+
+
+class TaskError(Exception):
+    """Raised inside the lifecycle to end a task with status task_error."""
+
+
+class SimState:
+    """All mutable simulator state; lives on the server's event loop."""
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        """Create the state; ``config`` (or the environment) gives the defaults."""
+        self._explicit_config = config
+        self.config = self._default_config()
+        self._next_id = 100000
+        self._background: set[asyncio.Task[None]] = set()
+        self._task_jobs: dict[str, asyncio.Task[None]] = {}
+        self._rng = random.Random()
+        self._clear()
+
+    def _clear(self) -> None:
+        """Forget tasks, files, outputs, records and counters."""
+        self.tasks: dict[str, Task] = {}
+        self.files: dict[str, StoredFile] = {}
+        self.outputs: dict[str, dict[str, bytes]] = {}
+        self.runs: list[dict[str, Any]] = []
+        self.callbacks: list[dict[str, Any]] = []
+        self.tasks_by_callback: dict[str, int] = {}
+        self.peak_concurrency = 0
+        self.callbacks_sent = 0
+        self.callbacks_dropped = 0
+        self.detail_calls = 0
+        self.run_calls = 0
+
+    def reset(self) -> None:
+        """Cancel background work, clear everything, restore the default config."""
+        self.cancel_background()
+        self.config = self._default_config()
+        self._clear()
+
+    def _default_config(self) -> SimConfig:
+        """A fresh copy of the config given at creation, or one read from the environment."""
+        if self._explicit_config is not None:
+            return self._explicit_config.model_copy(deep=True)
+        return SimConfig.from_env()
+
+    def cancel_background(self) -> None:
+        """Cancel every lifecycle and callback coroutine still running."""
+        for job in list(self._background):
+            job.cancel()
+        self._background.clear()
+        self._task_jobs.clear()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for /_sim/stats."""
+        return {
+            "tasks_created": len(self.tasks),
+            "tasks_by_callback": dict(self.tasks_by_callback),
+            "peak_concurrency": self.peak_concurrency,
+            "callbacks_sent": self.callbacks_sent,
+            "callbacks_dropped": self.callbacks_dropped,
+            "detail_calls": self.detail_calls,
+            "run_calls": self.run_calls,
+        }
+
+    def active_count(self) -> int:
+        """Number of tasks not yet in a terminal status."""
+        return sum(1 for task in self.tasks.values() if not task.terminal)
+
+    def store_file(self, filename: str, content_type: str, data: bytes) -> str:
+        """Keep an uploaded input and return its public URL."""
+        token = random_token()
+        self.files[token] = StoredFile(filename, content_type, data)
+        return f"{self.config.base_url}/v1/File/{token}/{filename}"
+
+    def find(self, taskid: str | None = None, token: str | None = None) -> Task | None:
+        """Look a task up by id or by socket access token."""
+        if taskid:
+            return self.tasks.get(taskid.strip())
+        if token:
+            token = token.strip()
+            return next((t for t in self.tasks.values() if t.socketaccesstoken == token), None)
+        return None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a coroutine in the background, keeping a reference to it."""
+        job = asyncio.get_running_loop().create_task(coro)
+        self._background.add(job)
+        job.add_done_callback(self._background.discard)
+        return job
+
+    def create_task(
+        self, prompt: str, steps: int, scale: str, inputs: list[InputRef], callbackurl: str
+    ) -> Task:
+        """Register a new queued task and start its lifecycle."""
+        cfg = self.config
+        self._next_id += 1
+        task = Task(
+            id=str(self._next_id),
+            socketaccesstoken=random_token(),
+            prompt=prompt,
+            steps=steps,
+            scale=scale,
+            inputs=inputs,
+            callbackurl=callbackurl,
+            base_url=cfg.base_url,
+            fail_mode=cfg.fail_mode,
+            duration_s=cfg.task_duration_s,
+            output_size_bytes=cfg.output_size_bytes,
+        )
+        task.set_status("task_queue")
+        self.tasks[task.id] = task
+        if callbackurl:
+            path = urlsplit(callbackurl).path or "/"
+            self.tasks_by_callback[path] = self.tasks_by_callback.get(path, 0) + 1
+        self.peak_concurrency = max(self.peak_concurrency, self.active_count())
+        self._task_jobs[task.id] = self._spawn(self._lifecycle(task))
+        return task
+
+    def finish(self, task: Task, status: str, *, pexit: str = "", error: str = "") -> None:
+        """Put a task in a terminal status and schedule its callback."""
+        if task.terminal:
+            return
+        now = time.time()
+        if status == "task_cancel":
+            task.set_status("task_cancel")
+        else:
+            task.times.setdefault("endtime", now)
+            task.set_status(status)
+        task.pexit = pexit
+        task.debugerror = error
+        if status != SUCCESS_STATUS or pexit != "0":
+            task.outputs = []
+            task.totalcost = "0"
+        job = self._task_jobs.pop(task.id, None)
+        current = asyncio.current_task()
+        if job is not None and job is not current:
+            job.cancel()
+        if task.callbackurl:
+            self._spawn(self._deliver_callbacks(task, task.to_dict()))
+
+    async def _lifecycle(self, task: Task) -> None:
+        """Walk the task through Wiro's statuses, spread over its duration."""
+        step = task.duration_s / len(RUNNING_STATUSES)
+        images: list[Image.Image] = []
+        png = b""
+        try:
+            for status in RUNNING_STATUSES[1:]:
+                await asyncio.sleep(step)
+                if status == "task_preprocess_end":
+                    images = await self._load_inputs(task)
+                    if task.fail_mode == "task_error":
+                        raise TaskError("Simulated failure: worker lost during preprocessing")
+                elif status == "task_output" and task.fail_mode == "none":
+                    png = await asyncio.to_thread(render_output, images, task.prompt)
+                    png = await asyncio.to_thread(pad_png, png, task.output_size_bytes)
+                task.set_status(status)
+            await asyncio.sleep(step)
+        except TaskError as exc:
+            self.finish(task, "task_error", error=str(exc))
+            return
+        if task.fail_mode == "pexit":
+            self.finish(task, SUCCESS_STATUS, pexit="1", error="CUDA out of memory")
+            return
+        self.outputs[task.uuid] = {OUTPUT_NAME: png}
+        task.outputs = [output_entry(task.base_url, task.uuid, len(png))]
+        task.totalcost = SUCCESS_COST
+        self.finish(task, SUCCESS_STATUS, pexit="0")
+
+    async def _load_inputs(self, task: Task) -> list[Image.Image]:
+        """Fetch URL inputs and decode every input; raise TaskError on any failure."""
+        images: list[Image.Image] = []
+        async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=True) as client:
+            for index, ref in enumerate(task.inputs):
+                data = ref.data
+                if data is None:
+                    try:
+                        response = await client.get(ref.url)
+                    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                        raise TaskError(
+                            f"inputImage[{index}] could not be fetched from {ref.url}: "
+                            f"{type(exc).__name__}"
+                        ) from exc
+                    if response.status_code != 200:
+                        raise TaskError(
+                            f"inputImage[{index}] could not be fetched from {ref.url}: "
+                            f"HTTP {response.status_code}"
+                        )
+                    data = response.content
+                try:
+                    images.append(await asyncio.to_thread(decode_image, data))
+                except ValueError as exc:
+                    raise TaskError(f"inputImage[{index}] is not an image: {exc}") from exc
+        return images
+
+    def _callback_body(self, snapshot: dict[str, Any]) -> bytes:
+        """Encode the callback body according to the callback_body knob."""
+        mode = self.config.callback_body
+        if mode == "empty":
+            return b""
+        if mode == "lying":
+            lie = dict(snapshot)
+            fake = output_entry(self.config.base_url, str(uuid.uuid4()), 202472)
+            lie.update(
+                status=SUCCESS_STATUS,
+                pexit="0",
+                debugerror="",
+                totalcost=SUCCESS_COST,
+                outputs=[fake],
+                size=fake["size"],
+            )
+            snapshot = lie
+        return json.dumps(snapshot).encode()
+
+    async def _deliver_callbacks(self, task: Task, snapshot: dict[str, Any]) -> None:
+        """POST the task object to its callback URL, obeying the callback knobs."""
+        cfg = self.config
+        if cfg.callback_delay_s > 0:
+            await asyncio.sleep(cfg.callback_delay_s)
+        body = self._callback_body(snapshot)
+        headers = {"content-type": "application/json"}
+        async with httpx.AsyncClient(timeout=CALLBACK_TIMEOUT_S) as client:
+            for _ in range(1 + cfg.repeat_callbacks):
+                record: dict[str, Any] = {
+                    "at": time.time(),
+                    "taskid": task.id,
+                    "url": task.callbackurl,
+                    "status": snapshot["status"],
+                    "body": cfg.callback_body,
+                    "dropped": False,
+                    "http_status": None,
+                    "error": None,
+                }
+                self.callbacks.append(record)
+                if self._rng.random() < cfg.drop_callbacks:
+                    record["dropped"] = True
+                    self.callbacks_dropped += 1
+                    continue
+                self.callbacks_sent += 1
+                try:
+                    response = await client.post(task.callbackurl, content=body, headers=headers)
+                    record["http_status"] = response.status_code
+                except httpx.HTTPError as exc:
+                    record["error"] = f"{type(exc).__name__}: {exc}"
+                    logger.warning("callback for task %s failed: %s", task.id, record["error"])
