@@ -117,6 +117,7 @@ def dev(data_dir: str, port: int) -> None:
         stopping = True
 
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         stack.start()
         api = f"http://127.0.0.1:{port}"

@@ -336,17 +336,19 @@ def cancel_at_wiro(svc: Services, job_id: uuid.UUID) -> None:
     if job is None or job.status != S.running or job.wiro_taskid is None:
         return  # a job still submitting is canceled by submit once Wiro names its task
     try:
-        if job.wiro_status in QUEUED_STATUSES:
-            try:
-                task = svc.wiro.cancel(taskid=job.wiro_taskid)
-            except WiroRejected:
-                task = svc.wiro.kill(taskid=job.wiro_taskid)  # it left the queue meanwhile
-        else:
-            task = svc.wiro.kill(taskid=job.wiro_taskid)
+        # Our wiro_status may be old; one read decides between Cancel and Kill.
+        task = svc.wiro.task_detail(taskid=job.wiro_taskid)
+        if task.outcome is Outcome.running:
+            if task.status in QUEUED_STATUSES:
+                try:
+                    task = svc.wiro.cancel(taskid=job.wiro_taskid)
+                except WiroRejected:
+                    task = svc.wiro.kill(taskid=job.wiro_taskid)  # it left the queue meanwhile
+            else:
+                task = svc.wiro.kill(taskid=job.wiro_taskid)
     except WiroError as exc:
         log.warning("cancel_failed", job_id=str(job_id), error=exc.message)
         with transaction(svc.sessions) as s:
             jobs.note(s, job_id, "cancel_failed", exc.as_detail())
-        reconcile(svc, job_id, source="cancel")
         return
     apply_task(svc, job_id, task, source="cancel")

@@ -280,6 +280,7 @@ def add_wiro_routes(app: FastAPI, state: SimState) -> None:
                 raise WiroError(0, f"Task is already finished ({task.status})")
         except WiroError as exc:
             return exc.response()
+        state.kill_calls += 1
         state.finish(task, "task_cancel")
         return JSONResponse(task_list_body(task, with_total=False))
 
@@ -292,6 +293,7 @@ def add_wiro_routes(app: FastAPI, state: SimState) -> None:
                 raise WiroError(0, f"Task is not in queue ({task.status}); use Task/Kill")
         except WiroError as exc:
             return exc.response()
+        state.cancel_calls += 1
         state.finish(task, "task_cancel")
         return JSONResponse(task_list_body(task, with_total=False))
 

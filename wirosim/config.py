@@ -38,6 +38,7 @@ class SimConfig(BaseModel):
     public_url: str = "http://127.0.0.1:8100"
     model: str = "xiabs/dreamomni2"
     task_duration_s: float = Field(default=2.0, ge=0)
+    queue_hold_s: float = Field(default=0.0, ge=0)  # extra time in task_queue before the walk
     fail_mode: FailMode = "none"
     drop_callbacks: float = Field(default=0.0, ge=0, le=1)
     repeat_callbacks: int = Field(default=0, ge=0)

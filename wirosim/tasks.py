@@ -99,6 +99,7 @@ class Task:
     fail_mode: FailMode
     duration_s: float
     output_size_bytes: int | None
+    queue_hold_s: float = 0.0
     uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     status: str = "task_queue"
     times: dict[str, float] = field(default_factory=dict)
@@ -226,6 +227,8 @@ class SimState:
         self.callbacks_dropped = 0
         self.detail_calls = 0
         self.run_calls = 0
+        self.kill_calls = 0
+        self.cancel_calls = 0
 
     def reset(self) -> None:
         """Cancel background work, clear everything, restore the default config."""
@@ -256,6 +259,8 @@ class SimState:
             "callbacks_dropped": self.callbacks_dropped,
             "detail_calls": self.detail_calls,
             "run_calls": self.run_calls,
+            "kill_calls": self.kill_calls,
+            "cancel_calls": self.cancel_calls,
         }
 
     def active_count(self) -> int:
@@ -302,6 +307,7 @@ class SimState:
             fail_mode=cfg.fail_mode,
             duration_s=cfg.task_duration_s,
             output_size_bytes=cfg.output_size_bytes,
+            queue_hold_s=cfg.queue_hold_s,
         )
         task.set_status("task_queue")
         self.tasks[task.id] = task
@@ -340,6 +346,7 @@ class SimState:
         images: list[Image.Image] = []
         png = b""
         try:
+            await asyncio.sleep(task.queue_hold_s)
             for status in RUNNING_STATUSES[1:]:
                 await asyncio.sleep(step)
                 if status == "task_preprocess_end":

@@ -1,0 +1,46 @@
+# The project's commands. Each installs what it needs into .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test test-fast lint format openapi migrate bench soak clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[embedded,dev]'
+	touch $(STAMP)
+
+## Start the whole stack on embedded defaults (Ctrl-C stops it).
+run: install
+	$(VENV)/bin/dreamgate dev
+
+## The test suite: unit, integration and end-to-end on real servers.
+test: install
+	$(PY) -m pytest
+
+## Without the end-to-end tests.
+test-fast: install
+	$(PY) -m pytest -m "not e2e"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check service workers wirosim
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format service workers wirosim
+
+## Write openapi/openapi.json from the app (a test fails when it drifts).
+openapi: install
+	$(VENV)/bin/dreamgate openapi > openapi/openapi.json
+
+migrate: install
+	$(VENV)/bin/dreamgate migrate
+
+clean:
+	rm -rf $(VENV) .dreamgate .pytest_cache .mypy_cache .ruff_cache

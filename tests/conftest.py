@@ -1,0 +1,185 @@
+"""Real servers, started once per session; a clean database for every test.
+
+PostgreSQL and Redis: $DATABASE_URL / $REDIS_URL when given, else the machine's own on
+127.0.0.1:5432 / 6379 when they answer, else embedded ones. Each run gets its own
+database (and Redis db number). S3 is always a fresh moto server; the gateway, a worker,
+beat and the Wiro simulator run as real subprocesses, all on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from sqlalchemy import Engine, text
+
+from service.db import make_engine
+from service.embedded import EmbeddedPostgres, free_port, port_open, redis_server
+from service.stack import Ports, Stack
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples"
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+# Short clocks so that recovery paths run within a test, not within a day.
+TEST_SETTINGS = {
+    "CALLBACK_GRACE_S": "3",
+    "SWEEP_INTERVAL_S": "0.5",
+    "STUCK_AFTER_S": "4",
+    "RUN_UNCERTAIN_WAIT_S": "6",
+    "WIRO_TIMEOUT_S": "5",
+    "OUTPUT_READ_TIMEOUT_S": "5",
+    "FINALIZE_ATTEMPTS": "2",
+    "S3_BUCKET": "dreamgate-test",
+    "LOG_LEVEL": "INFO",
+}
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="dreamgate-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def database_url(workdir: Path) -> Iterator[str]:
+    """A database of this run's own, on whichever PostgreSQL is at hand."""
+    embedded: EmbeddedPostgres | None = None
+    admin = os.environ.get("DATABASE_URL")
+    if not admin and port_open(5432):
+        admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    if not admin:
+        embedded = EmbeddedPostgres(workdir / "postgres", free_port())
+        embedded.start()
+        admin = embedded.url
+    admin = admin.replace("postgresql+psycopg://", "postgresql://")
+    name = f"dreamgate_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = admin.rpartition("/")
+    yield f"{base}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    if embedded is not None:
+        embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(workdir: Path) -> Iterator[str]:
+    """A Redis database number of this run's own."""
+    given = os.environ.get("REDIS_URL")
+    if given:
+        yield given
+        return
+    if port_open(6379):
+        yield f"redis://127.0.0.1:6379/{random.randint(1, 15)}"
+        return
+    server = redis_server(workdir / "redis", free_port())
+    server.start()
+    yield f"redis://127.0.0.1:{server.port}/0"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(workdir: Path, database_url: str, redis_url: str) -> Iterator[Stack]:
+    """The whole service as real processes: gateway, worker, beat, simulator, S3."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WIRO", "S3_", "AWS_"))}
+    env.update(TEST_SETTINGS, DATABASE_URL=database_url, REDIS_URL=redis_url)
+    ports = Ports(api=free_port(), sim=free_port(), postgres=free_port(), redis=free_port(),
+                  s3=free_port())
+    st = Stack(workdir / "stack", ports=ports, env=env, worker_concurrency=4)
+    try:
+        st.start()
+        yield st
+    finally:
+        st.stop()
+
+
+@pytest.fixture(scope="session")
+def engine(stack: Stack) -> Iterator[Engine]:
+    eng = make_engine(stack.env["DATABASE_URL"])
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def api(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"http://127.0.0.1:{stack.ports.api}", timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def sim(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"http://127.0.0.1:{stack.ports.sim}", timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def s3(stack: Stack) -> Any:
+    import boto3
+
+    return boto3.client(
+        "s3", endpoint_url=stack.env["S3_ENDPOINT_URL"], region_name="us-east-1",
+        aws_access_key_id="embedded", aws_secret_access_key="embedded",  # noqa: S106
+    )
+
+
+@pytest.fixture
+def clean(engine: Engine, sim: httpx.Client) -> Iterator[None]:
+    """Every end-to-end test starts with no jobs and a simulator in its default state."""
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE jobs, job_inputs, job_outputs, job_events CASCADE"))
+    sim.post("/_sim/reset").raise_for_status()
+    sim.put("/_sim/config", json={"task_duration_s": 0.5}).raise_for_status()
+    yield
+
+
+def sample(n: int) -> Path:
+    """One of the bundled sample images (1 or 2)."""
+    return SAMPLES / f"dreamomni2-input-{n}.jpg"
+
+
+def upload_files(*paths: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """Multipart ``images`` parts for the given files, in order."""
+    return [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, every: float = 0.1,
+             what: str = "condition") -> Any:
+    """Poll until ``predicate`` returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_status(api: httpx.Client, job_id: str, statuses: set[str] | None = None,
+                timeout: float = 30.0) -> dict[str, Any]:
+    """Poll the API until the job is in one of ``statuses`` (default: any terminal one)."""
+    want = statuses or TERMINAL
+
+    def poll() -> dict[str, Any] | None:
+        job: dict[str, Any] = api.get(f"/v1/jobs/{job_id}").json()
+        return job if job["status"] in want else None
+
+    result: dict[str, Any] = wait_for(poll, timeout=timeout, what=f"job {job_id} in {want}")
+    return result
+
+
+def transitions(job: dict[str, Any]) -> list[str | None]:
+    """The statuses a job went through, from its timeline."""
+    return [e["to"] for e in job["timeline"] if e["kind"] == "transition"]
