@@ -1,0 +1,97 @@
+"""The job state machine on a real PostgreSQL: guarded transitions, one event each."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from service import jobs
+from service.db import make_sessionmaker, transaction
+from service.models import JobEvent
+from service.models import JobStatus as S
+
+
+@pytest.fixture
+def sessions(engine: Engine, clean: None) -> object:
+    return make_sessionmaker(engine)
+
+
+def new_job(sessions: object) -> uuid.UUID:
+    job_id = uuid.uuid4()
+    with transaction(sessions) as s:  # type: ignore[arg-type]
+        jobs.create(s, job_id=job_id, prompt="p", steps=25, scale=3.5, webhook_url=None,
+                    metadata={}, inputs=[jobs.NewInput(kind="url", url="http://x/a.png")])
+    return job_id
+
+
+def events(sessions: object, job_id: uuid.UUID) -> list[tuple[str | None, str | None]]:
+    with transaction(sessions) as s:  # type: ignore[arg-type]
+        rows = s.execute(select(JobEvent.from_status, JobEvent.to_status)
+                         .where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+def test_transition_moves_and_records_one_event(sessions: object) -> None:
+    job_id = new_job(sessions)
+    with transaction(sessions) as s:  # type: ignore[arg-type]
+        left = jobs.transition(s, job_id, S.submitting, from_=[S.queued], detail={"a": 1})
+    assert left is S.queued
+    assert events(sessions, job_id) == [(None, "queued"), ("queued", "submitting")]
+
+
+def test_transition_from_the_wrong_state_changes_nothing(sessions: object) -> None:
+    job_id = new_job(sessions)
+    with transaction(sessions) as s:  # type: ignore[arg-type]
+        assert jobs.transition(s, job_id, S.finalizing, from_=[S.running]) is None
+        job = jobs.get(s, job_id, full=False)
+        assert job is not None and job.status == "queued"
+    assert events(sessions, job_id) == [(None, "queued")]
+
+
+def test_a_transition_the_machine_does_not_have_is_refused(sessions: object) -> None:
+    job_id = new_job(sessions)
+    with pytest.raises(jobs.IllegalTransition), transaction(sessions) as s:  # type: ignore[arg-type]
+        jobs.transition(s, job_id, S.succeeded, from_=[S.queued])
+
+
+def test_terminal_transition_sets_finished_at(sessions: object) -> None:
+    job_id = new_job(sessions)
+    with transaction(sessions) as s:  # type: ignore[arg-type]
+        jobs.transition(s, job_id, S.canceled, from_=[S.queued])
+        job = jobs.get(s, job_id, full=False)
+        assert job is not None and job.finished_at is not None
+
+
+def test_racing_transitions_let_exactly_one_win(sessions: object) -> None:
+    job_id = new_job(sessions)
+    with transaction(sessions) as s:  # type: ignore[arg-type]
+        jobs.transition(s, job_id, S.submitting, from_=[S.queued])
+        jobs.transition(s, job_id, S.running, from_=[S.submitting], wiro_taskid="1")
+    barrier = threading.Barrier(8)
+    results: list[object] = []
+
+    def race(target: S) -> None:
+        barrier.wait()
+        with transaction(sessions) as s:  # type: ignore[arg-type]
+            results.append(jobs.transition(s, job_id, target, from_=[S.running]))
+
+    threads = [threading.Thread(target=race, args=(t,))
+               for t in [S.finalizing, S.failed, S.canceled, S.finalizing] * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert sum(r is not None for r in results) == 1
+    with transaction(sessions) as s:  # type: ignore[arg-type]
+        count = s.execute(select(func.count()).select_from(JobEvent)
+                          .where(JobEvent.job_id == job_id)).scalar_one()
+    assert count == 4  # created, submitting, running, and the one winner
+
+
+def test_cursor_round_trips_and_rejects_garbage() -> None:
+    with pytest.raises(ValueError, match="malformed cursor"):
+        jobs.decode_cursor("bm90IGEgY3Vyc29y")
