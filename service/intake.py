@@ -16,8 +16,13 @@ from service.container import Services
 from service.db import transaction
 from service.storage import TooLarge
 
-ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp",
-                   "GIF": "image/gif", "BMP": "image/bmp"}
+ALLOWED_FORMATS = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 log = structlog.get_logger(__name__)
 
@@ -97,14 +102,24 @@ def accept(svc: Services, sub: Submission) -> uuid.UUID:
                 ) from exc
             inputs.append(
                 jobs.NewInput(
-                    kind="file", s3_key=key, filename=image.filename, content_type=ctype,
-                    size=stored.size, sha256=stored.sha256,
+                    kind="file",
+                    s3_key=key,
+                    filename=image.filename,
+                    content_type=ctype,
+                    size=stored.size,
+                    sha256=stored.sha256,
                 )
             )
         with transaction(svc.sessions) as s:
             jobs.create(
-                s, job_id=job_id, prompt=sub.prompt, steps=sub.steps, scale=sub.scale,
-                webhook_url=sub.webhook_url, metadata=sub.metadata, inputs=inputs,
+                s,
+                job_id=job_id,
+                prompt=sub.prompt,
+                steps=sub.steps,
+                scale=sub.scale,
+                webhook_url=sub.webhook_url,
+                metadata=sub.metadata,
+                inputs=inputs,
             )
     except BaseException:
         if any(i.kind == "file" for i in inputs):

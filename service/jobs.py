@@ -259,14 +259,11 @@ def stale(
         Job.status == str(status),
         func.coalesce(Job.enqueued_at, Job.updated_at) < now - older_than,
     ]
-    conditions += [getattr(Job, k).is_(None) if v is None else getattr(Job, k) == v
-                   for k, v in extra.items()]
+    conditions += [
+        getattr(Job, k).is_(None) if v is None else getattr(Job, k) == v for k, v in extra.items()
+    ]
     due = (
-        select(Job.id)
-        .where(*conditions)
-        .limit(batch)
-        .with_for_update(skip_locked=True)
-        .cte("due")
+        select(Job.id).where(*conditions).limit(batch).with_for_update(skip_locked=True).cte("due")
     )
     claimed = session.execute(
         update(Job).where(Job.id == due.c.id).values(enqueued_at=now).returning(Job)

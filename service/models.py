@@ -106,13 +106,12 @@ class Job(Base):
     outputs: Mapped[list[JobOutput]] = relationship(
         back_populates="job", order_by="JobOutput.position"
     )
-    events: Mapped[list[JobEvent]] = relationship(
-        back_populates="job", order_by="JobEvent.id"
-    )
+    events: Mapped[list[JobEvent]] = relationship(back_populates="job", order_by="JobEvent.id")
 
     __table_args__ = (
         CheckConstraint(
-            "status IN ('queued','submitting','running','finalizing','succeeded','failed','canceled')",
+            "status IN ('queued','submitting','running','finalizing',"
+            "'succeeded','failed','canceled')",
             name="valid",
         ),
         Index("ix_jobs_created_at_id", "created_at", "id"),

@@ -61,8 +61,13 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
     token, token_hash = jobs.new_callback_token()
     with transaction(svc.sessions) as s:
         moved = jobs.transition(
-            s, job_id, S.submitting, from_=[S.queued], detail={"attempt": attempt},
-            callback_token_hash=token_hash, run_sent_at=None,
+            s,
+            job_id,
+            S.submitting,
+            from_=[S.queued],
+            detail={"attempt": attempt},
+            callback_token_hash=token_hash,
+            run_sent_at=None,
         )
         job = jobs.get(s, job_id) if moved else None
     if job is None:
@@ -76,8 +81,13 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
     except WiroRejected as exc:
         with transaction(svc.sessions) as s:
             jobs.transition(
-                s, job_id, S.failed, from_=[S.submitting], detail=exc.as_detail(),
-                error_code="wiro_rejected", error_message=exc.message,
+                s,
+                job_id,
+                S.failed,
+                from_=[S.submitting],
+                detail=exc.as_detail(),
+                error_code="wiro_rejected",
+                error_message=exc.message,
             )
         return
     except WiroUncertain as exc:
@@ -89,9 +99,15 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
         return
     with transaction(svc.sessions) as s:
         moved = jobs.transition(
-            s, job_id, S.running, from_=[S.submitting], detail={"taskid": accepted.taskid},
-            wiro_taskid=accepted.taskid, wiro_socket_token=accepted.socket_token,
-            wiro_status="task_queue", last_news_at=func.now(),
+            s,
+            job_id,
+            S.running,
+            from_=[S.submitting],
+            detail={"taskid": accepted.taskid},
+            wiro_taskid=accepted.taskid,
+            wiro_socket_token=accepted.socket_token,
+            wiro_status="task_queue",
+            last_news_at=func.now(),
         )
         current = jobs.get(s, job_id, full=False)
     bound.info("run_accepted", taskid=accepted.taskid, moved=bool(moved))
@@ -114,7 +130,10 @@ def _run(svc: Services, job: Job, callback: str) -> Any:
         with transaction(svc.sessions) as s:
             jobs.update_fields(s, job.id, when=[S.submitting], run_sent_at=func.now())
         return svc.wiro.run(
-            inputs=parts, prompt=job.prompt, steps=job.steps, scale=job.scale,
+            inputs=parts,
+            prompt=job.prompt,
+            steps=job.steps,
+            scale=job.scale,
             callback_url=callback,
         )
 
@@ -125,15 +144,24 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
     with transaction(svc.sessions) as s:
         if age > svc.settings.submit_deadline_s:
             jobs.transition(
-                s, job.id, S.failed, from_=[S.submitting], detail=exc.as_detail(),
+                s,
+                job.id,
+                S.failed,
+                from_=[S.submitting],
+                detail=exc.as_detail(),
                 error_code="wiro_unavailable",
                 error_message=f"Wiro kept refusing the job for {int(age)} s: {exc.message}",
             )
             return
         delay = exc.retry_after if exc.retry_after is not None else backoff_s(attempt)
         moved = jobs.transition(
-            s, job.id, S.queued, from_=[S.submitting], detail={**exc.as_detail(), "delay": delay},
-            run_sent_at=None, enqueued_at=func.now() + timedelta(seconds=delay),
+            s,
+            job.id,
+            S.queued,
+            from_=[S.submitting],
+            detail={**exc.as_detail(), "delay": delay},
+            run_sent_at=None,
+            enqueued_at=func.now() + timedelta(seconds=delay),
         )
     if moved:
         svc.queue.submit(job.id, countdown=delay, attempt=attempt + 1)
@@ -175,10 +203,15 @@ def _adopt(svc: Services, job: Job, taskid: str, *, source: str) -> None:
         return
     with transaction(svc.sessions) as s:
         jobs.transition(
-            s, job.id, S.running, from_=[S.submitting],
+            s,
+            job.id,
+            S.running,
+            from_=[S.submitting],
             detail={"taskid": task.id, "adopted_from": source},
-            wiro_taskid=task.id, wiro_socket_token=task.socket_token,
-            wiro_status=task.status, last_news_at=func.now(),
+            wiro_taskid=task.id,
+            wiro_socket_token=task.socket_token,
+            wiro_status=task.status,
+            last_news_at=func.now(),
         )
     apply_task(svc, job.id, task, source=source)
 
@@ -205,16 +238,29 @@ def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str)
             return
         if outcome is Outcome.succeeded:
             moved = jobs.transition(
-                s, job_id, S.finalizing, from_=[S.running], detail=detail,
-                wiro_outputs=[o.as_json() for o in task.outputs], **common,
+                s,
+                job_id,
+                S.finalizing,
+                from_=[S.running],
+                detail=detail,
+                wiro_outputs=[o.as_json() for o in task.outputs],
+                **common,
             )
         elif outcome is Outcome.failed:
             moved = jobs.transition(
-                s, job_id, S.failed, from_=[S.running], detail=detail,
-                error_code="wiro_task_failed", error_message=task.failure_message, **common,
+                s,
+                job_id,
+                S.failed,
+                from_=[S.running],
+                detail=detail,
+                error_code="wiro_task_failed",
+                error_message=task.failure_message,
+                **common,
             )
         else:
-            moved = jobs.transition(s, job_id, S.canceled, from_=[S.running], detail=detail, **common)
+            moved = jobs.transition(
+                s, job_id, S.canceled, from_=[S.running], detail=detail, **common
+            )
     if moved and outcome is Outcome.succeeded:
         svc.queue.finalize(job_id)
 
@@ -250,15 +296,23 @@ def finalize(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
             s.execute(
                 pg_insert(JobOutput)
                 .values(
-                    job_id=job_id, position=n, s3_key=key, filename=str(out.get("name")),
-                    content_type=ctype, size=stored.size, sha256=stored.sha256,
+                    job_id=job_id,
+                    position=n,
+                    s3_key=key,
+                    filename=str(out.get("name")),
+                    content_type=ctype,
+                    size=stored.size,
+                    sha256=stored.sha256,
                     source_url=str(out["url"]),
                 )
                 .on_conflict_do_nothing()
             )
     with transaction(svc.sessions) as s:
         jobs.transition(
-            s, job_id, S.succeeded, from_=[S.finalizing],
+            s,
+            job_id,
+            S.succeeded,
+            from_=[S.finalizing],
             detail={"outputs": len(job.wiro_outputs or [])},
         )
 
@@ -285,15 +339,21 @@ def _finalize_failed(svc: Services, job_id: uuid.UUID, attempt: int, message: st
     with transaction(svc.sessions) as s:
         if attempt + 1 >= svc.settings.finalize_attempts:
             jobs.transition(
-                s, job_id, S.failed, from_=[S.finalizing],
+                s,
+                job_id,
+                S.failed,
+                from_=[S.finalizing],
                 detail={"attempts": attempt + 1, "error": message},
-                error_code="output_copy_failed", error_message=message,
+                error_code="output_copy_failed",
+                error_message=message,
             )
             return
         jobs.note(s, job_id, "finalize_retry", {"attempt": attempt, "error": message})
         delay = backoff_s(attempt, base=2.0, cap=120.0)
         jobs.update_fields(
-            s, job_id, when=[S.finalizing],
+            s,
+            job_id,
+            when=[S.finalizing],
             enqueued_at=func.now() + timedelta(seconds=delay),
         )
     svc.queue.finalize(job_id, attempt=attempt + 1, countdown=delay)

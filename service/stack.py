@@ -76,8 +76,12 @@ class Stack:
             return
         sim_url = f"http://127.0.0.1:{self.ports.sim}"
         env.update(
-            WIROSIM_API_KEY=SIM_KEY, WIROSIM_API_SECRET=SIM_SECRET, WIROSIM_PUBLIC_URL=sim_url,
-            WIRO_BASE_URL=f"{sim_url}/v1", WIRO_API_KEY=SIM_KEY, WIRO_API_SECRET=SIM_SECRET,
+            WIROSIM_API_KEY=SIM_KEY,
+            WIROSIM_API_SECRET=SIM_SECRET,
+            WIROSIM_PUBLIC_URL=sim_url,
+            WIRO_BASE_URL=f"{sim_url}/v1",
+            WIRO_API_KEY=SIM_KEY,
+            WIRO_API_SECRET=SIM_SECRET,
         )
         self.start_process("sim", ["sim", "--port", str(self.ports.sim)], self.ports.sim)
 
@@ -92,15 +96,19 @@ class Stack:
 
     def prepare(self) -> None:
         """Schema up to date and bucket present (in a child, with the stack's environment)."""
-        subprocess.run([sys.executable, "-m", "service.cli", "migrate", "--ensure-bucket"],
-                       env=self.env, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "service.cli", "migrate", "--ensure-bucket"],
+            env=self.env,
+            check=True,
+        )
 
     def start_service(self) -> None:
         """The gateway, one worker and beat."""
         self.start_process("gateway", ["serve", "--port", str(self.ports.api)], self.ports.api)
         self.start_worker()
-        self.start_process("beat", ["beat", "--schedule", str(self.data_dir / "beat-schedule")],
-                           None)
+        self.start_process(
+            "beat", ["beat", "--schedule", str(self.data_dir / "beat-schedule")], None
+        )
 
     def start_worker(self, name: str = "worker") -> ManagedProcess:
         """A Celery worker process (several may run)."""
@@ -124,4 +132,3 @@ class Stack:
                 server.stop()
         if self.postgres is not None:
             self.postgres.stop()
-

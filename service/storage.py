@@ -92,9 +92,7 @@ class Storage:
         self.bucket = bucket
 
     @classmethod
-    def from_settings(
-        cls, *, endpoint_url: str | None, region: str, bucket: str
-    ) -> Storage:
+    def from_settings(cls, *, endpoint_url: str | None, region: str, bucket: str) -> Storage:
         """A client built from our settings; credentials come from boto3's usual chain."""
         client = boto3.client(
             "s3",
@@ -147,7 +145,7 @@ class Storage:
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - caller closes
         self._s3.download_fileobj(self.bucket, key, spool, Config=TRANSFER)
         spool.seek(0)
-        return spool  # type: ignore[return-value]
+        return spool
 
     def read(self, key: str) -> bytes:
         """A whole (small) object; for tests and tools, never for images in the pipeline."""

@@ -48,12 +48,19 @@ def sweep(svc: Services) -> SweepReport:
 
     # Claimed for submit, but the Run never left (worker died first): safe to send again.
     with transaction(svc.sessions) as s:
-        unsent = jobs.stale(s, S.submitting, older_than=stuck, batch=cfg.sweep_batch,
-                            run_sent_at=None)
+        unsent = jobs.stale(
+            s, S.submitting, older_than=stuck, batch=cfg.sweep_batch, run_sent_at=None
+        )
         moved = [
-            job.id for job in unsent
-            if jobs.transition(s, job.id, S.queued, from_=[S.submitting],
-                               detail={"reason": "worker lost before Run was sent"})
+            job.id
+            for job in unsent
+            if jobs.transition(
+                s,
+                job.id,
+                S.queued,
+                from_=[S.submitting],
+                detail={"reason": "worker lost before Run was sent"},
+            )
         ]
     for job_id in moved:
         svc.queue.submit(job_id)
@@ -66,7 +73,11 @@ def sweep(svc: Services) -> SweepReport:
         )
         for job_id in uncertain:
             if jobs.transition(
-                s, job_id, S.failed, from_=[S.submitting], detail={"reason": "run_uncertain"},
+                s,
+                job_id,
+                S.failed,
+                from_=[S.submitting],
+                detail={"reason": "run_uncertain"},
                 error_code="wiro_run_uncertain",
                 error_message=(
                     "The Run request may have reached Wiro but no task was ever named; "

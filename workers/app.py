@@ -25,7 +25,7 @@ _services: Services | None = None
 
 def services() -> Services:
     """This process's services, built on first use (after any fork, never before)."""
-    global _services  # one set of pools per process is the point  # noqa: PLW0603
+    global _services  # one set of pools per process is the point
     if _services is None:
         _services = build_services(get_settings())
     return _services
@@ -33,7 +33,7 @@ def services() -> Services:
 
 @worker_process_init.connect
 def _fresh_after_fork(**_: Any) -> None:
-    global _services  # noqa: PLW0603
+    global _services
     _services = None
 
 

@@ -71,17 +71,31 @@ def problem_response(
     return JSONResponse(body, status, headers=headers, media_type="application/problem+json")
 
 
-_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-          405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
-          413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error",
-          429: "rate_limited", 500: "internal_error", 503: "unavailable"}
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "unavailable",
+}
 
 
 def validation_errors(errors: Any) -> list[dict[str, Any]]:
     """FastAPI/pydantic errors in our ``errors`` form (no echoed input values)."""
     return [
-        {"loc": [str(p) if not isinstance(p, int) else p for p in e.get("loc", ())],
-         "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        {
+            "loc": [str(p) if not isinstance(p, int) else p for p in e.get("loc", ())],
+            "msg": str(e.get("msg", "")),
+            "type": str(e.get("type", "")),
+        }
         for e in errors
     ]
 
@@ -117,7 +131,10 @@ def install(app: FastAPI) -> None:
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI declarations of a route's error answers."""
     return {
-        s: {"model": Problem, "description": HTTPStatus(s).phrase,
-            "content": {"application/problem+json": {}}}
+        s: {
+            "model": Problem,
+            "description": HTTPStatus(s).phrase,
+            "content": {"application/problem+json": {}},
+        }
         for s in statuses
     }

@@ -152,28 +152,47 @@ def job_out(job: Job, storage: Storage, ttl_s: int, *, full: bool) -> JobOut:
         ),
         inputs=[
             InputOut(
-                position=i.position, kind=i.kind, url=i.url, s3_key=i.s3_key,  # type: ignore[arg-type]
-                filename=i.filename, content_type=i.content_type, size=i.size, sha256=i.sha256,
+                position=i.position,
+                kind=i.kind,
+                url=i.url,
+                s3_key=i.s3_key,
+                filename=i.filename,
+                content_type=i.content_type,
+                size=i.size,
+                sha256=i.sha256,
             )
             for i in job.inputs
-        ] if full else None,
+        ]
+        if full
+        else None,
         outputs=[
             OutputOut(
-                position=o.position, s3_key=o.s3_key, filename=o.filename,
-                content_type=o.content_type, size=o.size, sha256=o.sha256,
+                position=o.position,
+                s3_key=o.s3_key,
+                filename=o.filename,
+                content_type=o.content_type,
+                size=o.size,
+                sha256=o.sha256,
                 url=storage.presigned_get(o.s3_key, ttl_s=ttl_s),
             )
             for o in job.outputs
         ],
         error=ErrorOut(code=job.error_code, message=job.error_message or "")
-        if job.error_code else None,
+        if job.error_code
+        else None,
         timeline=[
             EventOut(
-                id=e.id, at=e.at, kind=e.kind, from_status=e.from_status,
-                to_status=e.to_status, detail=e.detail,
+                id=e.id,
+                at=e.at,
+                kind=e.kind,
+                from_status=e.from_status,
+                to_status=e.to_status,
+                detail=e.detail,
             )
             for e in job.events
-        ] if full else None,
+        ]
+        if full
+        else None,
         cancel_requested=job.cancel_requested_at is not None,
         created_at=job.created_at,
         updated_at=job.updated_at,

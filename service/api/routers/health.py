@@ -41,5 +41,6 @@ def readyz(svc: ServicesDep) -> JSONResponse:
     probe("redis", svc.queue.ping)
     probe("s3", svc.storage.ping)
     ok = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks},
-                        status_code=200 if ok else 503)
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503
+    )

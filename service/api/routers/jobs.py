@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
@@ -51,8 +51,10 @@ def _load(svc: Services, job_id: uuid.UUID, *, full: bool = True) -> JobOut:
 
 def _invalid(exc: ValidationError, prefix: str = "body") -> RequestValidationError:
     return RequestValidationError(
-        [{**e, "loc": (prefix, *e["loc"])} for e in exc.errors(include_url=False,
-                                                                include_input=False)]
+        [
+            {**e, "loc": (prefix, *e["loc"])}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
     )
 
 
@@ -70,7 +72,8 @@ async def _parse_multipart(request: Request, svc: Services) -> intake.Submission
                 raise ProblemError(422, "validation_error", "images: must be files")
             if value.size is not None and value.size > svc.settings.max_image_bytes:
                 raise ProblemError(
-                    413, "image_too_large",
+                    413,
+                    "image_too_large",
                     f"images[{len(images)}] is larger than {svc.settings.max_image_bytes} bytes",
                 )
             images.append(intake.Upload(filename=value.filename or "image", file=value.file))
@@ -99,7 +102,10 @@ async def _parse_multipart(request: Request, svc: Services) -> intake.Submission
 
 def _submission(params: EditParams, images: list[intake.Upload | str]) -> intake.Submission:
     return intake.Submission(
-        prompt=params.prompt, steps=params.steps, scale=params.scale, images=images,
+        prompt=params.prompt,
+        steps=params.steps,
+        scale=params.scale,
+        images=images,
         webhook_url=str(params.webhook_url) if params.webhook_url else None,
         metadata=params.metadata,
     )
@@ -180,9 +186,9 @@ def get_job(job_id: uuid.UUID, svc: ServicesDep) -> JobOut:
 )
 def list_jobs(
     svc: ServicesDep,
-    status_: JobStatus | None = Query(None, alias="status"),
-    cursor: str | None = Query(None, max_length=200),
-    limit: int = Query(20, ge=1, le=100),
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobPage:
     with transaction(svc.sessions) as s:
         try:
@@ -202,8 +208,10 @@ def list_jobs(
         "while queued there or Task/Kill while running (202; the job turns `canceled` when "
         "Wiro confirms). A finished job cannot be canceled (409)."
     ),
-    responses={202: {"model": JobOut, "description": "Cancel requested at Wiro"},
-               **responses(404, 409)},
+    responses={
+        202: {"model": JobOut, "description": "Cancel requested at Wiro"},
+        **responses(404, 409),
+    },
 )
 def cancel_job(job_id: uuid.UUID, response: Response, svc: ServicesDep) -> JobOut:
     try:
