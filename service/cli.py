@@ -151,6 +151,7 @@ def dev(data_dir: str, port: int) -> None:
     signal.signal(signal.SIGINT, _stop)
     try:
         stack.start()
+        dev_key = stack.ensure_dev_key()
         api = f"http://127.0.0.1:{port}"
         bucket = stack.env.get("S3_BUCKET", "dreamgate")
         click.echo(
@@ -159,6 +160,7 @@ def dev(data_dir: str, port: int) -> None:
             f"  s3        {stack.env['S3_ENDPOINT_URL']} (bucket {bucket})\n"
             f"  wiro      {stack.env.get('WIRO_BASE_URL', 'https://api.wiro.ai/v1')}\n"
             f"  data+logs {stack.data_dir}\n"
+            f"  API key   {dev_key}   (admin, owner 'dev'; in {stack.data_dir / 'dev-key'})\n"
             f"Try: .venv/bin/dreamgate example    (Ctrl-C stops everything)\n"
         )
         while not stopping:
@@ -176,8 +178,14 @@ def dev(data_dir: str, port: int) -> None:
 
 @main.command()
 @click.option("--url", envvar="DREAMGATE_URL", default="http://127.0.0.1:8000", show_default=True)
+@click.option(
+    "--key",
+    envvar="DREAMGATE_KEY",
+    default=None,
+    help="API key (default: the dev key that `dreamgate dev` wrote).",
+)
 @click.option("--timeout", default=180.0, show_default=True)
-def example(url: str, timeout: float) -> None:
+def example(url: str, key: str | None, timeout: float) -> None:
     """Send the seed's example edit with the bundled sample images and wait for the result."""
     import httpx
 
@@ -205,6 +213,13 @@ def example(url: str, timeout: float) -> None:
     )
     if job["status"] != "succeeded":
         sys.exit(1)
+
+
+DEV_KEY_FILE = Path(".dreamgate") / "dev-key"  # written by `dreamgate dev`
+
+
+def _dev_key() -> str | None:
+    return DEV_KEY_FILE.read_text().strip() if DEV_KEY_FILE.exists() else None
 
 
 @main.command()

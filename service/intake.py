@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import IO, Any
 
 import structlog
 from PIL import Image, UnidentifiedImageError
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
 
 from service import jobs
 from service.container import Services
 from service.db import transaction
+from service.models import IdempotencyKey
 from service.storage import TooLarge
 
 ALLOWED_FORMATS = {
@@ -55,6 +62,61 @@ class Submission:
     images: Sequence[Upload | str]
     webhook_url: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    webhook_events: list[str] | None = None
+
+    def fingerprint(self) -> str:
+        """A hash of everything the request asks for; uploads count by their bytes."""
+        images = []
+        for image in self.images:
+            if isinstance(image, str):
+                images.append(["url", image])
+            else:
+                digest = hashlib.sha256()
+                image.file.seek(0)
+                for chunk in iter(lambda f=image.file: f.read(1024 * 1024), b""):
+                    digest.update(chunk)
+                image.file.seek(0)
+                images.append(["file", digest.hexdigest()])
+        canonical = json.dumps(
+            [
+                self.prompt,
+                self.steps,
+                self.scale,
+                self.webhook_url,
+                self.metadata,
+                self.webhook_events,
+                images,
+            ],
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who submits, and under which Idempotency-Key (if any)."""
+
+    owner: str
+    api_key_id: uuid.UUID | None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The job a request produced, and whether it is a replay of an earlier request."""
+
+    job_id: uuid.UUID
+    replayed: bool
+    response: dict[str, Any] | None = None
+
+
+class IdempotencyMismatch(Exception):
+    """The Idempotency-Key was used before with a different request."""
+
+
+class _LostRace(Exception):
+    """Another request with the same Idempotency-Key committed first."""
 
 
 def sniff_image(file: IO[bytes]) -> str:
@@ -82,8 +144,37 @@ def input_key(job_id: uuid.UUID, position: int, filename: str) -> str:
     return f"inputs/{job_id}/{position}-{safe[:100]}"
 
 
-def accept(svc: Services, sub: Submission) -> uuid.UUID:
-    """Store the uploads, commit the queued job, then queue it. Nothing stays on failure."""
+IDEMPOTENCY_TTL = timedelta(hours=24)
+
+
+def _earlier(s: Session, caller: Caller, request_hash: str) -> Accepted | None:
+    """The job an earlier request with this Idempotency-Key made, if it is still kept."""
+    row = s.execute(
+        select(IdempotencyKey).where(
+            IdempotencyKey.owner == caller.owner,
+            IdempotencyKey.key == caller.idempotency_key,
+            IdempotencyKey.created_at > func.now() - IDEMPOTENCY_TTL,
+        )
+    ).scalar_one_or_none()
+    if row is None:
+        return None
+    if row.request_hash != request_hash:
+        raise IdempotencyMismatch
+    return Accepted(job_id=row.job_id, replayed=True, response=row.response)
+
+
+def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
+    """Store the uploads, commit the queued job, then queue it. Nothing stays on failure.
+
+    With an Idempotency-Key, the key's row is inserted in the job's own transaction, so of
+    two racing requests exactly one commits a job; the other finds it and replays it.
+    """
+    request_hash = sub.fingerprint() if caller.idempotency_key else ""
+    if caller.idempotency_key:
+        with transaction(svc.sessions) as s:
+            earlier = _earlier(s, caller, request_hash)
+        if earlier is not None:
+            return earlier
     job_id = uuid.uuid4()
     limit = svc.settings.max_image_bytes
     inputs: list[jobs.NewInput] = []
@@ -114,20 +205,77 @@ def accept(svc: Services, sub: Submission) -> uuid.UUID:
             jobs.create(
                 s,
                 job_id=job_id,
+                owner=caller.owner,
+                api_key_id=caller.api_key_id,
                 prompt=sub.prompt,
                 steps=sub.steps,
                 scale=sub.scale,
                 webhook_url=sub.webhook_url,
+                webhook_events=sub.webhook_events,
                 metadata=sub.metadata,
                 inputs=inputs,
             )
-    except BaseException:
+            if caller.idempotency_key and not _claim_key(s, caller, request_hash, job_id):
+                raise _LostRace
+    except BaseException as exc:
         if any(i.kind == "file" for i in inputs):
             svc.storage.delete_prefix(f"inputs/{job_id}/")
+        if isinstance(exc, _LostRace):
+            with transaction(svc.sessions) as s:
+                earlier = _earlier(s, caller, request_hash)
+            if earlier is not None:
+                return earlier
         raise
     # After the commit: a send lost here is re-sent by the sweep.
     try:
         svc.queue.submit(job_id)
     except Exception as exc:  # the job is safe in PostgreSQL; the sweep re-sends it
         log.warning("enqueue_failed", job_id=str(job_id), error=str(exc))
-    return job_id
+    return Accepted(job_id=job_id, replayed=False)
+
+
+def _claim_key(s: Session, caller: Caller, request_hash: str, job_id: uuid.UUID) -> bool:
+    """Insert the key's row; False if a live one exists (it waits for a racing insert)."""
+    s.execute(
+        delete(IdempotencyKey).where(
+            IdempotencyKey.owner == caller.owner,
+            IdempotencyKey.key == caller.idempotency_key,
+            IdempotencyKey.created_at <= func.now() - IDEMPOTENCY_TTL,
+        )
+    )
+    inserted = s.execute(
+        pg_insert(IdempotencyKey)
+        .values(
+            owner=caller.owner, key=caller.idempotency_key, request_hash=request_hash, job_id=job_id
+        )
+        .on_conflict_do_nothing()
+        .returning(IdempotencyKey.job_id)
+    ).scalar_one_or_none()
+    return inserted is not None
+
+
+def remember_response(
+    svc: Services, caller: Caller, job_id: uuid.UUID, body: dict[str, Any]
+) -> None:
+    """Keep the first answer, so a replay gives back the same body."""
+    if not caller.idempotency_key:
+        return
+    with transaction(svc.sessions) as s:
+        s.execute(
+            update(IdempotencyKey)
+            .where(
+                IdempotencyKey.owner == caller.owner,
+                IdempotencyKey.key == caller.idempotency_key,
+                IdempotencyKey.job_id == job_id,
+                IdempotencyKey.response.is_(None),
+            )
+            .values(response=body)
+        )
+
+
+def forget_expired_keys(s: Session) -> int:
+    """Delete Idempotency-Keys older than 24 h; returns how many."""
+    result = s.execute(
+        delete(IdempotencyKey).where(IdempotencyKey.created_at <= func.now() - IDEMPOTENCY_TTL)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

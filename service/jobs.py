@@ -76,18 +76,24 @@ def create(
     session: Session,
     *,
     job_id: uuid.UUID,
+    owner: str,
     prompt: str,
     steps: int,
     scale: float,
     webhook_url: str | None,
     metadata: dict[str, Any],
     inputs: Sequence[NewInput],
+    api_key_id: uuid.UUID | None = None,
+    webhook_events: list[str] | None = None,
 ) -> None:
     """Insert a queued job, its inputs in order, and the first timeline event."""
     session.execute(
         insert(Job).values(
             id=job_id,
             status=S.queued,
+            owner=owner,
+            api_key_id=api_key_id,
+            webhook_events=webhook_events,
             prompt=prompt,
             steps=steps,
             scale=scale,
@@ -205,12 +211,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 def page(
     session: Session,
     *,
+    owner: str | None,
     status: JobStatus | None,
     cursor: str | None,
     limit: int,
 ) -> tuple[list[Job], str | None]:
     """Newest-first page of jobs and the cursor of the next page (None at the end)."""
     query = select(Job).options(selectinload(Job.outputs))
+    if owner is not None:
+        query = query.where(Job.owner == owner)
     if status is not None:
         query = query.where(Job.status == str(status))
     if cursor:

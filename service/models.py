@@ -59,11 +59,54 @@ TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled}
 ACTIVE = tuple(s for s in JobStatus if s not in TERMINAL)
 
 
+class ApiKey(Base):
+    """A client's or admin's key; only its hash is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100), nullable=False, index=True)
+    role: Mapped[str] = mapped_column(String(16), nullable=False)
+    key_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    prefix: Mapped[str] = mapped_column(String(16), nullable=False)
+    # Kept in the clear: signing a webhook needs the secret itself (Standard Webhooks).
+    webhook_secret: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (CheckConstraint("role IN ('client','admin')", name="role"),)
+
+
+class IdempotencyKey(Base):
+    """A client's Idempotency-Key and the job (and answer) it produced, kept 24 h."""
+
+    __tablename__ = "idempotency_keys"
+
+    owner: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+    )
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now(), index=True
+    )
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     status: Mapped[str] = mapped_column(String(16), nullable=False)
+    owner: Mapped[str] = mapped_column(String(100), nullable=False)
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="SET NULL")
+    )
+    # Which webhook events the client wants for this job; None means all of them.
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSONB)
     prompt: Mapped[str] = mapped_column(Text, nullable=False)
     steps: Mapped[int] = mapped_column(Integer, nullable=False)
     scale: Mapped[Decimal] = mapped_column(Numeric(6, 3), nullable=False)
@@ -115,6 +158,7 @@ class Job(Base):
             name="valid",
         ),
         Index("ix_jobs_created_at_id", "created_at", "id"),
+        Index("ix_jobs_owner_created_at_id", "owner", "created_at", "id"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index(
             "ix_jobs_active_updated",

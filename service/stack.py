@@ -102,6 +102,31 @@ class Stack:
             check=True,
         )
 
+    def ensure_dev_key(self) -> str:
+        """An admin key for trying the service, kept in the data folder between runs."""
+        path = self.data_dir / "dev-key"
+        if not path.exists():
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "service.cli",
+                    "keys",
+                    "create",
+                    "--owner",
+                    "dev",
+                    "--admin",
+                    "--quiet",
+                ],
+                env=self.env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            path.write_text(out.stdout.strip() + "\n")
+            path.chmod(0o600)
+        return path.read_text().strip()
+
     def start_service(self) -> None:
         """The gateway, one worker and beat."""
         self.start_process("gateway", ["serve", "--port", str(self.ports.api)], self.ports.api)

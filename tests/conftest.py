@@ -23,7 +23,9 @@ import psycopg
 import pytest
 from sqlalchemy import Engine, text
 
-from service.db import make_engine
+from service import auth
+from service.auth import IssuedKey
+from service.db import make_engine, make_sessionmaker, transaction
 from service.embedded import EmbeddedPostgres, free_port, port_open, redis_server
 from service.stack import Ports, Stack
 
@@ -49,7 +51,10 @@ TEST_SETTINGS = {
 def workdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="dreamgate-test-"))
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    if os.environ.get("KEEP_TEST_LOGS"):  # servers' logs for a failed run
+        print(f"\ntest servers' logs kept in {path}/stack/logs")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -114,8 +119,49 @@ def engine(stack: Stack) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="session")
-def api(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"http://127.0.0.1:{stack.ports.api}", timeout=30) as client:
+def keys(engine: Engine) -> dict[str, IssuedKey]:
+    """Session-wide API keys: two client apps and an admin."""
+    sessions = make_sessionmaker(engine)
+    with transaction(sessions) as s:
+        return {
+            "app-a": auth.create_key(s, owner="app-a"),
+            "app-b": auth.create_key(s, owner="app-b"),
+            "ops": auth.create_key(s, owner="ops", role="admin"),
+        }
+
+
+def client_for(stack: Stack, key: str | None) -> httpx.Client:
+    """An HTTP client of the gateway, sending ``key`` as a Bearer token."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=f"http://127.0.0.1:{stack.ports.api}", timeout=30,
+                        headers=headers)
+
+
+@pytest.fixture(scope="session")
+def api(stack: Stack, keys: dict[str, IssuedKey]) -> Iterator[httpx.Client]:
+    """The gateway, as client app ``app-a``."""
+    with client_for(stack, keys["app-a"].key) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def other_api(stack: Stack, keys: dict[str, IssuedKey]) -> Iterator[httpx.Client]:
+    """The gateway, as another client app, ``app-b``."""
+    with client_for(stack, keys["app-b"].key) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def admin_api(stack: Stack, keys: dict[str, IssuedKey]) -> Iterator[httpx.Client]:
+    """The gateway, with an admin key."""
+    with client_for(stack, keys["ops"].key) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def anon(stack: Stack) -> Iterator[httpx.Client]:
+    """The gateway, with no key at all."""
+    with client_for(stack, None) as client:
         yield client
 
 
@@ -139,7 +185,8 @@ def s3(stack: Stack) -> Any:
 def clean(engine: Engine, sim: httpx.Client) -> Iterator[None]:
     """Every end-to-end test starts with no jobs and a simulator in its default state."""
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE jobs, job_inputs, job_outputs, job_events CASCADE"))
+        conn.execute(text("TRUNCATE jobs, job_inputs, job_outputs, job_events, "
+                          "idempotency_keys CASCADE"))
     sim.post("/_sim/reset").raise_for_status()
     sim.put("/_sim/config", json={"task_duration_s": 0.5}).raise_for_status()
     yield

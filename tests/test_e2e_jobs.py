@@ -139,11 +139,13 @@ def test_repeated_callback_changes_nothing(api: httpx.Client, sim: httpx.Client)
     assert sim_stats(sim)["tasks_created"] == 1
 
 
-def test_callback_with_a_wrong_token_is_refused(api: httpx.Client, stack: Stack) -> None:
+def test_callback_with_a_wrong_token_is_refused(
+    api: httpx.Client, anon: httpx.Client
+) -> None:
     job = submit_samples(api)
     done = wait_status(api, job["id"])
 
-    forged = api.post(f"/v1/wiro/callbacks/{job['id']}?token=not-the-token",
+    forged = anon.post(f"/v1/wiro/callbacks/{job['id']}?token=not-the-token",
                       json={"id": "1", "status": "task_cancel"})
 
     assert forged.status_code == 403
@@ -291,8 +293,8 @@ def test_unknown_job_is_a_problem_404(api: httpx.Client) -> None:
     assert r.json()["code"] == "job_not_found"
 
 
-def test_health_and_readiness(api: httpx.Client) -> None:
-    assert api.get("/healthz").json() == {"status": "ok"}
-    ready = api.get("/readyz")
+def test_health_and_readiness(anon: httpx.Client) -> None:
+    assert anon.get("/healthz").json() == {"status": "ok"}
+    ready = anon.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"postgres": "ok", "redis": "ok", "s3": "ok"}

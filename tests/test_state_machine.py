@@ -22,7 +22,7 @@ def sessions(engine: Engine, clean: None) -> object:
 def new_job(sessions: object) -> uuid.UUID:
     job_id = uuid.uuid4()
     with transaction(sessions) as s:  # type: ignore[arg-type]
-        jobs.create(s, job_id=job_id, prompt="p", steps=25, scale=3.5, webhook_url=None,
+        jobs.create(s, job_id=job_id, owner="test", prompt="p", steps=25, scale=3.5, webhook_url=None,
                     metadata={}, inputs=[jobs.NewInput(kind="url", url="http://x/a.png")])
     return job_id
 

@@ -12,6 +12,8 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 from service.models import Job, JobStatus
 from service.storage import Storage
 
+WEBHOOK_EVENTS = ("job.running", "job.succeeded", "job.failed", "job.canceled")
+WebhookEvent = Literal["job.running", "job.succeeded", "job.failed", "job.canceled"]
 SEED_PROMPT = "Replace the suit in the first image with the clothes in the second image."
 MAX_METADATA_BYTES = 16 * 1024
 
@@ -25,7 +27,10 @@ class EditParams(BaseModel):
     steps: int = Field(25, ge=1, le=500, description="Inference steps (Wiro: 1-500).")
     scale: float = Field(3.5, gt=0, le=30, description="Guidance scale.")
     webhook_url: AnyHttpUrl | None = Field(
-        None, description="Called when the job ends (client webhooks are a later feature)."
+        None, description="Receives signed Standard Webhooks events about this job."
+    )
+    webhook_events: list[WebhookEvent] | None = Field(
+        None, description="Only these events are sent (default: all of them)."
     )
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="Your own JSON object, returned as given (≤ 16 KiB)."
@@ -112,6 +117,7 @@ class JobOut(BaseModel):
     steps: int
     scale: float
     webhook_url: str | None
+    webhook_events: list[str] | None = None
     metadata: dict[str, Any]
     wiro: WiroInfo
     inputs: list[InputOut] | None = None
@@ -144,6 +150,7 @@ def job_out(job: Job, storage: Storage, ttl_s: int, *, full: bool) -> JobOut:
         steps=job.steps,
         scale=float(job.scale),
         webhook_url=job.webhook_url,
+        webhook_events=job.webhook_events,
         metadata=job.metadata_,
         wiro=WiroInfo(
             taskid=job.wiro_taskid,

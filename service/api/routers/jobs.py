@@ -6,16 +6,26 @@ import json
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from service import intake, jobs, pipeline
-from service.api.deps import ServicesDep
+from service.api.deps import PrincipalDep, ServicesDep
 from service.api.errors import ProblemError, responses
-from service.api.schemas import SEED_PROMPT, EditParams, JobCreate, JobOut, JobPage, job_out
+from service.api.schemas import (
+    SEED_PROMPT,
+    WEBHOOK_EVENTS,
+    EditParams,
+    JobCreate,
+    JobOut,
+    JobPage,
+    job_out,
+)
+from service.auth import Principal
 from service.container import Services
 from service.db import transaction
 from service.models import JobStatus
@@ -37,16 +47,22 @@ MULTIPART_SCHEMA: dict[str, Any] = {
         "scale": {"type": "number", "default": 3.5},
         "webhook_url": {"type": "string", "format": "uri"},
         "metadata": {"type": "string", "description": "A JSON object, as text."},
+        "webhook_events": {
+            "type": "array",
+            "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
+            "description": "Only these events are sent to webhook_url (default: all).",
+        },
     },
 }
 
 
-def _load(svc: Services, job_id: uuid.UUID, *, full: bool = True) -> JobOut:
+def _load(svc: Services, job_id: uuid.UUID, who: Principal) -> JobOut:
     with transaction(svc.sessions) as s:
         job = jobs.get(s, job_id, full=True)
-        if job is None:
+        # Another owner's job is as absent as a missing one: no 403 that confirms it exists.
+        if job is None or (job.owner != who.owner and not who.is_admin):
             raise ProblemError(404, "job_not_found", f"no job {job_id}")
-        return job_out(job, svc.storage, svc.settings.presign_ttl_s, full=full)
+        return job_out(job, svc.storage, svc.settings.presign_ttl_s, full=True)
 
 
 def _invalid(exc: ValidationError, prefix: str = "body") -> RequestValidationError:
@@ -79,6 +95,8 @@ async def _parse_multipart(request: Request, svc: Services) -> intake.Submission
             images.append(intake.Upload(filename=value.filename or "image", file=value.file))
         elif name == "image_urls":
             images.append(str(value))
+        elif name == "webhook_events" and isinstance(value, str):
+            fields.setdefault("webhook_events", []).append(value)
         elif isinstance(value, UploadFile):
             raise ProblemError(422, "validation_error", f"{name}: must not be a file")
         elif name in fields:
@@ -108,6 +126,7 @@ def _submission(params: EditParams, images: list[intake.Upload | str]) -> intake
         images=images,
         webhook_url=str(params.webhook_url) if params.webhook_url else None,
         metadata=params.metadata,
+        webhook_events=sorted(set(params.webhook_events)) if params.webhook_events else None,
     )
 
 
@@ -122,7 +141,7 @@ def _submission(params: EditParams, images: list[intake.Upload | str]) -> intake
         "image is the one edited; the others are references. Answers 202 with the job and "
         "its `Location`."
     ),
-    responses=responses(400, 413, 415, 422),
+    responses=responses(400, 401, 413, 415, 422),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -133,7 +152,20 @@ def _submission(params: EditParams, images: list[intake.Upload | str]) -> intake
         }
     },
 )
-async def create_job(request: Request, response: Response, svc: ServicesDep) -> JobOut:
+async def create_job(
+    request: Request,
+    response: Response,
+    svc: ServicesDep,
+    who: PrincipalDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            description="Stripe-style: the same key and request give back the same job.",
+        ),
+    ] = None,
+) -> Any:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         sub = await _parse_multipart(request, svc)
@@ -157,13 +189,31 @@ async def create_job(request: Request, response: Response, svc: ServicesDep) -> 
         raise ProblemError(
             422, "too_many_images", f"at most {svc.settings.max_images} images per job"
         )
+    caller = intake.Caller(owner=who.owner, api_key_id=who.key_id, idempotency_key=idempotency_key)
     try:
-        job_id = await run_in_threadpool(intake.accept, svc, sub)
+        accepted = await run_in_threadpool(intake.accept, svc, sub, caller)
     except intake.InputError as exc:
         code = 413 if exc.code == "image_too_large" else 422
         raise ProblemError(code, exc.code, exc.message) from exc
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return await run_in_threadpool(_load, svc, job_id)
+    except intake.IdempotencyMismatch as exc:
+        raise ProblemError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different request in the last 24 h",
+        ) from exc
+    location = {"Location": f"/v1/jobs/{accepted.job_id}"}
+    if accepted.replayed:
+        replay = {**location, "Idempotent-Replayed": "true"}
+        if accepted.response is not None:
+            return JSONResponse(accepted.response, 202, headers=replay)
+        response.headers.update(replay)
+        return await run_in_threadpool(_load, svc, accepted.job_id, who)
+    response.headers.update(location)
+    job = await run_in_threadpool(_load, svc, accepted.job_id, who)
+    await run_in_threadpool(
+        intake.remember_response, svc, caller, accepted.job_id, job.model_dump(mode="json")
+    )
+    return job
 
 
 @router.get(
@@ -171,10 +221,10 @@ async def create_job(request: Request, response: Response, svc: ServicesDep) -> 
     response_model=JobOut,
     summary="Get a job",
     description="Status, Wiro's own status, the timeline, outputs with presigned URLs, error.",
-    responses=responses(404, 422),
+    responses=responses(401, 404, 422),
 )
-def get_job(job_id: uuid.UUID, svc: ServicesDep) -> JobOut:
-    return _load(svc, job_id)
+def get_job(job_id: uuid.UUID, svc: ServicesDep, who: PrincipalDep) -> JobOut:
+    return _load(svc, job_id, who)
 
 
 @router.get(
@@ -182,17 +232,20 @@ def get_job(job_id: uuid.UUID, svc: ServicesDep) -> JobOut:
     response_model=JobPage,
     summary="List jobs",
     description="Newest first; filter by status; follow `next_cursor` for older jobs.",
-    responses=responses(422),
+    responses=responses(401, 422),
 )
 def list_jobs(
     svc: ServicesDep,
+    who: PrincipalDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobPage:
     with transaction(svc.sessions) as s:
         try:
-            rows, next_cursor = jobs.page(s, status=status_, cursor=cursor, limit=limit)
+            rows, next_cursor = jobs.page(
+                s, owner=who.owner, status=status_, cursor=cursor, limit=limit
+            )
         except ValueError as exc:
             raise ProblemError(422, "invalid_cursor", str(exc)) from exc
         data = [job_out(j, svc.storage, svc.settings.presign_ttl_s, full=False) for j in rows]
@@ -213,7 +266,10 @@ def list_jobs(
         **responses(404, 409),
     },
 )
-def cancel_job(job_id: uuid.UUID, response: Response, svc: ServicesDep) -> JobOut:
+def cancel_job(
+    job_id: uuid.UUID, response: Response, svc: ServicesDep, who: PrincipalDep
+) -> JobOut:
+    _load(svc, job_id, who)  # 404 unless the caller may see the job
     try:
         done = pipeline.request_cancel(svc, job_id)
     except LookupError as exc:
@@ -221,4 +277,4 @@ def cancel_job(job_id: uuid.UUID, response: Response, svc: ServicesDep) -> JobOu
     except pipeline.NotCancelable as exc:
         raise ProblemError(409, "job_not_cancelable", str(exc)) from exc
     response.status_code = 200 if done else 202
-    return _load(svc, job_id)
+    return _load(svc, job_id, who)

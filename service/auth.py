@@ -1,0 +1,124 @@
+"""API keys: created and shown once, stored as hashes, each with an owner and a role."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from service.models import ApiKey
+
+KEY_PREFIX = "dg_"
+ROLES = ("client", "admin")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's id, its owner and its role."""
+
+    key_id: uuid.UUID
+    owner: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        """Admins may use the ops routes and read any owner's jobs."""
+        return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A new key as shown once to its owner: the key and its webhook secret."""
+
+    id: uuid.UUID
+    key: str
+    owner: str
+    role: str
+    webhook_secret: str
+
+
+def hash_key(key: str) -> str:
+    """The stored form of an API key (keys are long random strings: no salt needed)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` and base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def create_key(session: Session, *, owner: str, role: str = "client") -> IssuedKey:
+    """Create a key; the caller shows ``key`` and ``webhook_secret`` once."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}")
+    owner = owner.strip()
+    if not owner or len(owner) > 100:
+        raise ValueError("owner must be 1-100 characters")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(
+        id=uuid.uuid4(),
+        owner=owner,
+        role=role,
+        key_hash=hash_key(key),
+        prefix=key[:10],
+        webhook_secret=new_webhook_secret(),
+    )
+    session.add(row)
+    session.flush()
+    return IssuedKey(id=row.id, key=key, owner=owner, role=role, webhook_secret=row.webhook_secret)
+
+
+def authenticate(session: Session, key: str) -> Principal | None:
+    """The principal of a live key, or None for an unknown or revoked one."""
+    row = session.execute(
+        select(ApiKey.id, ApiKey.owner, ApiKey.role).where(
+            ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)
+        )
+    ).one_or_none()
+    return None if row is None else Principal(key_id=row.id, owner=row.owner, role=row.role)
+
+
+def find(session: Session, ident: str) -> ApiKey | None:
+    """A key by its id or by the prefix shown in ``keys list``."""
+    try:
+        return session.get(ApiKey, uuid.UUID(ident))
+    except ValueError:
+        rows = list(session.execute(select(ApiKey).where(ApiKey.prefix == ident)).scalars())
+        return rows[0] if len(rows) == 1 else None
+
+
+def revoke(session: Session, key_id: uuid.UUID) -> bool:
+    """Revoke a key; True if it was live."""
+    result = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=func.now())
+        .returning(ApiKey.id)
+    )
+    return result.scalar_one_or_none() is not None
+
+
+def rotate_webhook_secret(session: Session, key_id: uuid.UUID) -> str | None:
+    """Give a key a new webhook secret; returns it (shown once), or None if no such key."""
+    secret = new_webhook_secret()
+    result = session.execute(
+        update(ApiKey).where(ApiKey.id == key_id).values(webhook_secret=secret).returning(ApiKey.id)
+    )
+    return secret if result.scalar_one_or_none() is not None else None
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    """Every key, newest first (hashes and secrets are not for display)."""
+    return list(session.execute(select(ApiKey).order_by(ApiKey.created_at.desc())).scalars())
+
+
+def webhook_secret_for(session: Session, key_id: uuid.UUID) -> str | None:
+    """The current webhook secret of a key."""
+    return session.execute(
+        select(ApiKey.webhook_secret).where(ApiKey.id == key_id)
+    ).scalar_one_or_none()
