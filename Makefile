@@ -28,12 +28,12 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check service workers wirosim
+	$(VENV)/bin/ruff format --check service workers wirosim tests
 	$(VENV)/bin/mypy
 
 format: install
 	$(VENV)/bin/ruff check --fix .
-	$(VENV)/bin/ruff format service workers wirosim
+	$(VENV)/bin/ruff format service workers wirosim tests
 
 ## Write openapi/openapi.json from the app (a test fails when it drifts).
 openapi: install

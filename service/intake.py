@@ -71,10 +71,8 @@ class Submission:
             if isinstance(image, str):
                 images.append(["url", image])
             else:
-                digest = hashlib.sha256()
                 image.file.seek(0)
-                for chunk in iter(lambda f=image.file: f.read(1024 * 1024), b""):
-                    digest.update(chunk)
+                digest = hashlib.file_digest(image.file, "sha256")  # type: ignore[arg-type]
                 image.file.seek(0)
                 images.append(["file", digest.hexdigest()])
         canonical = json.dumps(

@@ -88,8 +88,20 @@ def redis_url(workdir: Path) -> Iterator[str]:
         yield given
         return
     if port_open(6379):
-        yield f"redis://127.0.0.1:6379/{random.randint(1, 15)}"
-        return
+        # Claim a db number no other test run on this machine holds (runs may overlap).
+        import redis
+
+        dbs = list(range(1, 16))
+        random.shuffle(dbs)
+        for db in dbs:
+            conn = redis.Redis(host="127.0.0.1", port=6379, db=db)
+            if conn.set("dreamgate-test-run", os.getpid(), nx=True, ex=3 * 3600):
+                conn.flushdb()
+                conn.set("dreamgate-test-run", os.getpid(), ex=3 * 3600)
+                yield f"redis://127.0.0.1:6379/{db}"
+                conn.flushdb()
+                return
+        pytest.fail("every Redis db 1-15 on 127.0.0.1:6379 is held by another test run")
     server = redis_server(workdir / "redis", free_port())
     server.start()
     yield f"redis://127.0.0.1:{server.port}/0"
@@ -101,8 +113,9 @@ def stack(workdir: Path, database_url: str, redis_url: str) -> Iterator[Stack]:
     """The whole service as real processes: gateway, worker, beat, simulator, S3."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WIRO", "S3_", "AWS_"))}
     env.update(TEST_SETTINGS, DATABASE_URL=database_url, REDIS_URL=redis_url)
-    ports = Ports(api=free_port(), sim=free_port(), postgres=free_port(), redis=free_port(),
-                  s3=free_port())
+    ports = Ports(
+        api=free_port(), sim=free_port(), postgres=free_port(), redis=free_port(), s3=free_port()
+    )
     st = Stack(workdir / "stack", ports=ports, env=env, worker_concurrency=4)
     try:
         st.start()
@@ -133,8 +146,7 @@ def keys(engine: Engine) -> dict[str, IssuedKey]:
 def client_for(stack: Stack, key: str | None) -> httpx.Client:
     """An HTTP client of the gateway, sending ``key`` as a Bearer token."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=f"http://127.0.0.1:{stack.ports.api}", timeout=30,
-                        headers=headers)
+    return httpx.Client(base_url=f"http://127.0.0.1:{stack.ports.api}", timeout=30, headers=headers)
 
 
 @pytest.fixture(scope="session")
@@ -176,8 +188,11 @@ def s3(stack: Stack) -> Any:
     import boto3
 
     return boto3.client(
-        "s3", endpoint_url=stack.env["S3_ENDPOINT_URL"], region_name="us-east-1",
-        aws_access_key_id="embedded", aws_secret_access_key="embedded",
+        "s3",
+        endpoint_url=stack.env["S3_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id="embedded",
+        aws_secret_access_key="embedded",
     )
 
 
@@ -185,8 +200,9 @@ def s3(stack: Stack) -> Any:
 def clean(engine: Engine, sim: httpx.Client) -> Iterator[None]:
     """Every end-to-end test starts with no jobs and a simulator in its default state."""
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE jobs, job_inputs, job_outputs, job_events, "
-                          "idempotency_keys CASCADE"))
+        conn.execute(
+            text("TRUNCATE jobs, job_inputs, job_outputs, job_events, idempotency_keys CASCADE")
+        )
     sim.post("/_sim/reset").raise_for_status()
     sim.put("/_sim/config", json={"task_duration_s": 0.5}).raise_for_status()
     yield
@@ -202,8 +218,13 @@ def upload_files(*paths: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
 
 
-def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, every: float = 0.1,
-             what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    *,
+    timeout: float = 30.0,
+    every: float = 0.1,
+    what: str = "condition",
+) -> Any:
     """Poll until ``predicate`` returns something truthy; fail the test on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -214,8 +235,9 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float = 30.0, every: floa
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
-def wait_status(api: httpx.Client, job_id: str, statuses: set[str] | None = None,
-                timeout: float = 30.0) -> dict[str, Any]:
+def wait_status(
+    api: httpx.Client, job_id: str, statuses: set[str] | None = None, timeout: float = 30.0
+) -> dict[str, Any]:
     """Poll the API until the job is in one of ``statuses`` (default: any terminal one)."""
     want = statuses or TERMINAL
 

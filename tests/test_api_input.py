@@ -41,8 +41,7 @@ GOOD = {"prompt": "make it blue"}
     ("files", "data", "status", "code"),
     [
         ("none", GOOD, 422, "no_images"),
-        ([("images", ("a.png", b"this is not an image", "image/png"))], GOOD, 422,
-         "invalid_image"),
+        ([("images", ("a.png", b"this is not an image", "image/png"))], GOOD, 422, "invalid_image"),
         ("five", GOOD, 422, "too_many_images"),
         ("two", {"prompt": ""}, 422, "validation_error"),
         ("two", {"prompt": "   "}, 422, "validation_error"),
@@ -59,8 +58,14 @@ GOOD = {"prompt": "make it blue"}
     ],
 )
 def test_bad_multipart_job_is_refused_and_stores_nothing(
-    api: httpx.Client, engine: Engine, s3: Any, stack: Stack,
-    files: Any, data: dict[str, str], status: int, code: str,
+    api: httpx.Client,
+    engine: Engine,
+    s3: Any,
+    stack: Stack,
+    files: Any,
+    data: dict[str, str],
+    status: int,
+    code: str,
 ) -> None:
     if files == "two":
         files = upload_files(sample(1), sample(2))
@@ -88,21 +93,43 @@ def test_image_is_judged_by_its_bytes_not_its_name(api: httpx.Client) -> None:
     [
         (b"{not json", "application/json", 400, "malformed_body"),
         (json.dumps({"prompt": "x"}).encode(), "application/json", 422, "validation_error"),
-        (json.dumps({"prompt": "x", "image_urls": []}).encode(), "application/json", 422,
-         "validation_error"),
-        (json.dumps({"prompt": "x", "image_urls": ["ftp://h/a.png"]}).encode(),
-         "application/json", 422, "validation_error"),
-        (json.dumps({"prompt": "x", "image_urls": ["http://h/a.png"], "steps": 2.5}).encode(),
-         "application/json", 422, "validation_error"),
-        (json.dumps({"prompt": "x", "image_urls": ["http://h/a.png"] * 5}).encode(),
-         "application/json", 422, "too_many_images"),
+        (
+            json.dumps({"prompt": "x", "image_urls": []}).encode(),
+            "application/json",
+            422,
+            "validation_error",
+        ),
+        (
+            json.dumps({"prompt": "x", "image_urls": ["ftp://h/a.png"]}).encode(),
+            "application/json",
+            422,
+            "validation_error",
+        ),
+        (
+            json.dumps({"prompt": "x", "image_urls": ["http://h/a.png"], "steps": 2.5}).encode(),
+            "application/json",
+            422,
+            "validation_error",
+        ),
+        (
+            json.dumps({"prompt": "x", "image_urls": ["http://h/a.png"] * 5}).encode(),
+            "application/json",
+            422,
+            "too_many_images",
+        ),
         (b"prompt=x", "text/plain", 415, "unsupported_media_type"),
         (b"--x\r\nbroken", "multipart/form-data", 400, "malformed_body"),
     ],
 )
 def test_bad_body_is_refused_with_a_problem(
-    api: httpx.Client, engine: Engine, s3: Any, stack: Stack,
-    body: bytes, ctype: str, status: int, code: str,
+    api: httpx.Client,
+    engine: Engine,
+    s3: Any,
+    stack: Stack,
+    body: bytes,
+    ctype: str,
+    status: int,
+    code: str,
 ) -> None:
     before = stored(engine, s3, stack)
     r = api.post("/v1/jobs", content=body, headers={"content-type": ctype})
@@ -112,8 +139,9 @@ def test_bad_body_is_refused_with_a_problem(
     assert stored(engine, s3, stack) == before
 
 
-def test_oversized_image_is_refused(api: httpx.Client, engine: Engine, s3: Any,
-                                    stack: Stack) -> None:
+def test_oversized_image_is_refused(
+    api: httpx.Client, engine: Engine, s3: Any, stack: Stack
+) -> None:
     before = stored(engine, s3, stack)
     big = io.BytesIO(sample(1).read_bytes() + b"\0" * (21 * 1024 * 1024))
     r = api.post("/v1/jobs", files=[("images", ("big.jpg", big, "image/jpeg"))], data=GOOD)

@@ -71,9 +71,7 @@ def test_another_owners_job_is_404_for_read_and_cancel(
     assert api.get(f"/v1/jobs/{job_id}").status_code == 200
 
 
-def test_each_owner_lists_only_its_own_jobs(
-    api: httpx.Client, other_api: httpx.Client
-) -> None:
+def test_each_owner_lists_only_its_own_jobs(api: httpx.Client, other_api: httpx.Client) -> None:
     mine, theirs = submit(api), submit(other_api)
 
     assert [j["id"] for j in api.get("/v1/jobs").json()["data"]] == [mine]

@@ -139,14 +139,14 @@ def test_repeated_callback_changes_nothing(api: httpx.Client, sim: httpx.Client)
     assert sim_stats(sim)["tasks_created"] == 1
 
 
-def test_callback_with_a_wrong_token_is_refused(
-    api: httpx.Client, anon: httpx.Client
-) -> None:
+def test_callback_with_a_wrong_token_is_refused(api: httpx.Client, anon: httpx.Client) -> None:
     job = submit_samples(api)
     done = wait_status(api, job["id"])
 
-    forged = anon.post(f"/v1/wiro/callbacks/{job['id']}?token=not-the-token",
-                      json={"id": "1", "status": "task_cancel"})
+    forged = anon.post(
+        f"/v1/wiro/callbacks/{job['id']}?token=not-the-token",
+        json={"id": "1", "status": "task_cancel"},
+    )
 
     assert forged.status_code == 403
     assert forged.headers["content-type"] == "application/problem+json"
@@ -161,8 +161,12 @@ def test_callback_with_the_right_token_but_a_lying_body_changes_nothing(
     job = submit_samples(api)
     wait_status(api, job["id"], {"running"})
     task = wait_for(lambda: sim.get("/_sim/tasks").json(), what="the task")[0]
-    lie = {**task, "status": "task_postprocess_end", "pexit": "0",
-           "outputs": [{"name": "0.png", "url": "http://127.0.0.2:9/evil.png"}]}
+    lie = {
+        **task,
+        "status": "task_postprocess_end",
+        "pexit": "0",
+        "outputs": [{"name": "0.png", "url": "http://127.0.0.2:9/evil.png"}],
+    }
 
     r = httpx.post(task["callbackurl"], json=lie)
     assert r.status_code == 200
@@ -214,9 +218,7 @@ def test_cancel_before_wiro_has_the_job_is_local(
     assert sim_stats(sim)["run_calls"] == 0
 
 
-def test_cancel_while_queued_at_wiro_uses_task_cancel(
-    api: httpx.Client, sim: httpx.Client
-) -> None:
+def test_cancel_while_queued_at_wiro_uses_task_cancel(api: httpx.Client, sim: httpx.Client) -> None:
     sim.put("/_sim/config", json={"queue_hold_s": 30}).raise_for_status()
     job = submit_samples(api)
     wait_status(api, job["id"], {"running"})
@@ -231,14 +233,14 @@ def test_cancel_while_queued_at_wiro_uses_task_cancel(
     assert sim.get("/_sim/tasks").json()[0]["status"] == "task_cancel"
 
 
-def test_cancel_while_running_at_wiro_uses_task_kill(
-    api: httpx.Client, sim: httpx.Client
-) -> None:
+def test_cancel_while_running_at_wiro_uses_task_kill(api: httpx.Client, sim: httpx.Client) -> None:
     sim.put("/_sim/config", json={"task_duration_s": 30}).raise_for_status()
     job = submit_samples(api)
     wait_status(api, job["id"], {"running"})
-    wait_for(lambda: sim.get("/_sim/tasks").json()[0]["status"] != "task_queue",
-             what="the task to leave Wiro's queue")
+    wait_for(
+        lambda: sim.get("/_sim/tasks").json()[0]["status"] != "task_queue",
+        what="the task to leave Wiro's queue",
+    )
     # Let the gateway learn Wiro's status, as it would from a poll.
     job_now = api.get(f"/v1/jobs/{job['id']}").json()
     assert job_now["status"] == "running"

@@ -15,8 +15,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean")]
 
 
 def post(api: httpx.Client, key: str, prompt: str = "make it blue") -> httpx.Response:
-    return api.post("/v1/jobs", files=upload_files(sample(1), sample(2)),
-                    data={"prompt": prompt}, headers={"Idempotency-Key": key})
+    return api.post(
+        "/v1/jobs",
+        files=upload_files(sample(1), sample(2)),
+        data={"prompt": prompt},
+        headers={"Idempotency-Key": key},
+    )
 
 
 def job_count(engine: Engine) -> int:
@@ -73,8 +77,7 @@ def test_same_key_with_a_different_request_is_422(api: httpx.Client, engine: Eng
     assert job_count(engine) == 1
 
 
-def test_keys_are_per_owner(api: httpx.Client, other_api: httpx.Client,
-                            engine: Engine) -> None:
+def test_keys_are_per_owner(api: httpx.Client, other_api: httpx.Client, engine: Engine) -> None:
     a, b = post(api, "shared"), post(other_api, "shared")
     assert a.json()["id"] != b.json()["id"]
     assert job_count(engine) == 2

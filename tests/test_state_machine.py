@@ -22,15 +22,27 @@ def sessions(engine: Engine, clean: None) -> object:
 def new_job(sessions: object) -> uuid.UUID:
     job_id = uuid.uuid4()
     with transaction(sessions) as s:  # type: ignore[arg-type]
-        jobs.create(s, job_id=job_id, owner="test", prompt="p", steps=25, scale=3.5, webhook_url=None,
-                    metadata={}, inputs=[jobs.NewInput(kind="url", url="http://x/a.png")])
+        jobs.create(
+            s,
+            job_id=job_id,
+            owner="test",
+            prompt="p",
+            steps=25,
+            scale=3.5,
+            webhook_url=None,
+            metadata={},
+            inputs=[jobs.NewInput(kind="url", url="http://x/a.png")],
+        )
     return job_id
 
 
 def events(sessions: object, job_id: uuid.UUID) -> list[tuple[str | None, str | None]]:
     with transaction(sessions) as s:  # type: ignore[arg-type]
-        rows = s.execute(select(JobEvent.from_status, JobEvent.to_status)
-                         .where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+        rows = s.execute(
+            select(JobEvent.from_status, JobEvent.to_status)
+            .where(JobEvent.job_id == job_id)
+            .order_by(JobEvent.id)
+        )
         return [tuple(r) for r in rows]  # type: ignore[misc]
 
 
@@ -78,8 +90,10 @@ def test_racing_transitions_let_exactly_one_win(sessions: object) -> None:
         with transaction(sessions) as s:  # type: ignore[arg-type]
             results.append(jobs.transition(s, job_id, target, from_=[S.running]))
 
-    threads = [threading.Thread(target=race, args=(t,))
-               for t in [S.finalizing, S.failed, S.canceled, S.finalizing] * 2]
+    threads = [
+        threading.Thread(target=race, args=(t,))
+        for t in [S.finalizing, S.failed, S.canceled, S.finalizing] * 2
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -87,8 +101,9 @@ def test_racing_transitions_let_exactly_one_win(sessions: object) -> None:
 
     assert sum(r is not None for r in results) == 1
     with transaction(sessions) as s:  # type: ignore[arg-type]
-        count = s.execute(select(func.count()).select_from(JobEvent)
-                          .where(JobEvent.job_id == job_id)).scalar_one()
+        count = s.execute(
+            select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id)
+        ).scalar_one()
     assert count == 4  # created, submitting, running, and the one winner
 
 

@@ -26,10 +26,20 @@ from service.wiro import (
 from tests.conftest import sample
 
 SEED_TASK = {
-    "id": "2221", "status": "task_postprocess_end", "pexit": "0", "debugerror": "",
-    "socketaccesstoken": "eDcCm5yyUfIvMFspTwww49OUfgXkQt", "totalcost": "0.003510000000",
-    "outputs": [{"name": "0.png", "contenttype": "image/png", "size": "202472",
-                 "url": "https://cdn1.wiro.ai/x/0.png"}],
+    "id": "2221",
+    "status": "task_postprocess_end",
+    "pexit": "0",
+    "debugerror": "",
+    "socketaccesstoken": "eDcCm5yyUfIvMFspTwww49OUfgXkQt",
+    "totalcost": "0.003510000000",
+    "outputs": [
+        {
+            "name": "0.png",
+            "contenttype": "image/png",
+            "size": "202472",
+            "url": "https://cdn1.wiro.ai/x/0.png",
+        }
+    ],
 }
 
 
@@ -65,38 +75,61 @@ def test_seed_task_is_parsed_with_its_output_and_cost() -> None:
 
 
 def test_failure_message_prefers_debugerror() -> None:
-    assert parse_task({**SEED_TASK, "status": "task_error", "debugerror": "OOM"}
-                      ).failure_message == "OOM"
+    assert (
+        parse_task({**SEED_TASK, "status": "task_error", "debugerror": "OOM"}).failure_message
+        == "OOM"
+    )
     assert "without outputs" in parse_task({**SEED_TASK, "outputs": []}).failure_message
 
 
 def _client(handler: object) -> WiroClient:
-    return WiroClient(base_url="http://wiro.invalid/v1", api_key="k", api_secret="s",
-                      model="xiabs/dreamomni2", attempts=2,
-                      transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
+    return WiroClient(
+        base_url="http://wiro.invalid/v1",
+        api_key="k",
+        api_secret="s",
+        model="xiabs/dreamomni2",
+        attempts=2,
+        transport=httpx.MockTransport(handler),
+    )  # type: ignore[arg-type]
 
 
 def _run(client: WiroClient) -> None:
-    client.run(inputs=[RunInput(url="http://x/a.png")], prompt="p", steps=25, scale=3.5,
-               callback_url=None)
+    client.run(
+        inputs=[RunInput(url="http://x/a.png")], prompt="p", steps=25, scale=3.5, callback_url=None
+    )
 
 
 @pytest.mark.parametrize(
     ("status", "body", "headers", "error"),
     [
-        (429, {"result": False, "errors": [{"code": 0, "message": "slow down"}]},
-         {"retry-after": "7"}, WiroRefused),
+        (
+            429,
+            {"result": False, "errors": [{"code": 0, "message": "slow down"}]},
+            {"retry-after": "7"},
+            WiroRefused,
+        ),
         (503, None, {}, WiroRefused),
-        (200, {"result": False, "errors": [{"code": 96, "message": "concurrency"}]}, {},
-         WiroRefused),
+        (
+            200,
+            {"result": False, "errors": [{"code": 96, "message": "concurrency"}]},
+            {},
+            WiroRefused,
+        ),
         (500, None, {}, WiroUncertain),
         (502, None, {}, WiroUncertain),
-        (200, {"result": False, "errors": [{"code": 0, "message": "Request parameter [steps] "
-                                             "must be between 1 and 500"}]}, {}, WiroRejected),
-        (200, {"result": False, "errors": [{"code": 97, "message": "balance"}]}, {},
-         WiroRejected),
-        (401, {"result": False, "errors": [{"code": 98, "message": "sign in"}]}, {},
-         WiroRejected),
+        (
+            200,
+            {
+                "result": False,
+                "errors": [
+                    {"code": 0, "message": "Request parameter [steps] must be between 1 and 500"}
+                ],
+            },
+            {},
+            WiroRejected,
+        ),
+        (200, {"result": False, "errors": [{"code": 97, "message": "balance"}]}, {}, WiroRejected),
+        (401, {"result": False, "errors": [{"code": 98, "message": "sign in"}]}, {}, WiroRejected),
         (200, {"result": True, "errors": []}, {}, WiroUncertain),  # no taskid
     ],
 )
@@ -135,8 +168,14 @@ def test_run_that_times_out_after_sending_is_uncertain() -> None:
 
 
 def test_task_detail_is_retried_on_transient_errors() -> None:
-    answers = iter([httpx.Response(503), httpx.Response(200, json={
-        "total": "1", "errors": [], "result": True, "tasklist": [SEED_TASK]})])
+    answers = iter(
+        [
+            httpx.Response(503),
+            httpx.Response(
+                200, json={"total": "1", "errors": [], "result": True, "tasklist": [SEED_TASK]}
+            ),
+        ]
+    )
 
     task = _client(lambda request: next(answers)).task_detail(taskid="2221")
 
@@ -147,10 +186,18 @@ def test_task_detail_is_retried_on_transient_errors() -> None:
 def key_only_sim() -> Iterator[str]:
     """A simulator whose project is API-key-only (no secret)."""
     port = free_port()
-    env = {"WIROSIM_API_KEY": "only-key", "WIROSIM_API_SECRET": "",
-           "WIROSIM_PUBLIC_URL": f"http://127.0.0.1:{port}", "WIROSIM_TASK_DURATION_S": "0.2"}
-    proc = ManagedProcess("sim", [sys.executable, "-m", "service.cli", "sim", "--port",
-                                  str(port)], port, env={**_base_env(), **env})
+    env = {
+        "WIROSIM_API_KEY": "only-key",
+        "WIROSIM_API_SECRET": "",
+        "WIROSIM_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "WIROSIM_TASK_DURATION_S": "0.2",
+    }
+    proc = ManagedProcess(
+        "sim",
+        [sys.executable, "-m", "service.cli", "sim", "--port", str(port)],
+        port,
+        env={**_base_env(), **env},
+    )
     proc.start()
     yield f"http://127.0.0.1:{port}"
     proc.stop()
@@ -163,13 +210,17 @@ def _base_env() -> dict[str, str]:
 
 
 def test_client_in_api_key_only_mode_sends_no_signature_headers(key_only_sim: str) -> None:
-    client = WiroClient(base_url=f"{key_only_sim}/v1", api_key="only-key", api_secret=None,
-                        model="xiabs/dreamomni2")
+    client = WiroClient(
+        base_url=f"{key_only_sim}/v1", api_key="only-key", api_secret=None, model="xiabs/dreamomni2"
+    )
     image = io.BytesIO(sample(1).read_bytes())
 
     accepted = client.run(
         inputs=[RunInput(file=image, filename="a.jpg", content_type="image/jpeg")],
-        prompt="p", steps=25, scale=3.5, callback_url=None,
+        prompt="p",
+        steps=25,
+        scale=3.5,
+        callback_url=None,
     )
     task = client.task_detail(taskid=accepted.taskid)
 
@@ -185,8 +236,12 @@ def test_client_with_a_secret_signs_and_a_wrong_secret_is_rejected(
 ) -> None:
     from service.stack import SIM_KEY
 
-    bad = WiroClient(base_url=str(sim.base_url).rstrip("/") + "/v1", api_key=SIM_KEY,
-                     api_secret="wrong", model="xiabs/dreamomni2")
+    bad = WiroClient(
+        base_url=str(sim.base_url).rstrip("/") + "/v1",
+        api_key=SIM_KEY,
+        api_secret="wrong",
+        model="xiabs/dreamomni2",
+    )
     with pytest.raises(WiroRejected) as info:
         bad.task_detail(taskid="1")
     assert info.value.http_status == 401
