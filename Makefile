@@ -39,6 +39,10 @@ format: install
 openapi: install
 	$(VENV)/bin/dreamgate openapi > openapi/openapi.json
 
+## 2,000 jobs at concurrency 50 with Wiro dropping, repeating and refusing (a small one runs in make test).
+soak: install
+	$(PY) -m bench.soak --jobs 2000 --concurrency 50
+
 migrate: install
 	$(VENV)/bin/dreamgate migrate
 

@@ -7,11 +7,20 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import click
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.spinner import Spinner
+from rich.table import Table
+from rich.text import Text
 
+from service.client import DEFAULT_URL, TERMINAL, Client, GatewayError, Job
 from service.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +28,37 @@ SAMPLES = ROOT / "samples"
 SEED_PROMPT = "Replace the suit in the first image with the clothes in the second image."
 
 
-@click.group()
+# Commands that talk to a gateway as a client: any failure in them is one line, no traceback.
+CLIENT_COMMANDS = {"edit", "jobs", "example"}
+
+
+class Cli(click.Group):
+    """The command group; a GatewayError (or, in client commands, any error) becomes one
+    line on stderr, ``error: <detail> (<code>)``, and exit code 2. DREAMGATE_DEBUG=1 shows
+    the traceback instead."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except GatewayError as exc:
+            if os.environ.get("DREAMGATE_DEBUG"):
+                raise
+            _fail(exc.detail, exc.code)
+        except Exception as exc:
+            if os.environ.get("DREAMGATE_DEBUG") or ctx.invoked_subcommand not in CLIENT_COMMANDS:
+                raise
+            _fail(f"{type(exc).__name__}: {exc}", "internal_error")
+
+
+def _fail(detail: str, code: str) -> NoReturn:
+    lines = detail.strip().splitlines() or ["unknown error"]
+    click.echo(f"error: {lines[0]} ({code})", err=True)
+    sys.exit(2)
+
+
+@click.group(cls=Cli)
 def main() -> None:
     """dreamgate: a reliable gateway to Wiro's DreamOmni2 image editing."""
 
@@ -43,6 +82,8 @@ def serve(host: str, port: int, workers: int) -> None:
         workers=workers,
         log_config=None,
         proxy_headers=True,
+        # h11 (not httptools) because it bounds the header block while reading it.
+        http="h11",
         h11_max_incomplete_event_size=64 * 1024,
     )
 
@@ -127,6 +168,85 @@ def migrate(ensure_bucket: bool) -> None:
         ).ensure_bucket()
 
 
+def _sessions() -> Any:
+    from service.db import make_engine, make_sessionmaker
+
+    return make_sessionmaker(make_engine(get_settings().database_url, pool_size=1))
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys (stored as hashes; a key is shown once)."""
+
+
+@keys.command("create")
+@click.option("--owner", required=True, help="The app or person the key belongs to.")
+@click.option("--admin", is_flag=True, help="An admin key (ops routes, every owner's jobs).")
+@click.option("--quiet", "-q", is_flag=True, help="Print the key alone.")
+def keys_create(owner: str, admin: bool, quiet: bool) -> None:
+    """Create a key and print it, with its webhook signing secret, once."""
+    from service import auth
+    from service.db import transaction
+
+    with transaction(_sessions()) as s:
+        issued = auth.create_key(s, owner=owner, role="admin" if admin else "client")
+    if quiet:
+        click.echo(issued.key)
+        return
+    click.echo(
+        f"id:             {issued.id}\nowner:          {issued.owner}\n"
+        f"role:           {issued.role}\nkey:            {issued.key}\n"
+        f"webhook secret: {issued.webhook_secret}\n"
+        "Both are shown once: store them now."
+    )
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """Every key: id, prefix, owner, role, created, revoked."""
+    from service import auth
+    from service.db import transaction
+
+    with transaction(_sessions()) as s:
+        for k in auth.list_keys(s):
+            state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "live"
+            click.echo(
+                f"{k.id}  {k.prefix}…  {k.owner:<20} {k.role:<6} "
+                f"{k.created_at:%Y-%m-%d %H:%M}  {state}"
+            )
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by its id or the prefix shown by `keys list`."""
+    from service import auth
+    from service.db import transaction
+
+    with transaction(_sessions()) as s:
+        row = auth.find(s, key_id)
+        if row is None:
+            raise click.ClickException(f"no single key matches {key_id!r}")
+        if not auth.revoke(s, row.id):
+            raise click.ClickException(f"key {row.id} was already revoked")
+    click.echo(f"revoked {row.id}")
+
+
+@keys.command("rotate-webhook-secret")
+@click.argument("key_id")
+def keys_rotate(key_id: str) -> None:
+    """Give a key a new webhook signing secret, printed once."""
+    from service import auth
+    from service.db import transaction
+
+    with transaction(_sessions()) as s:
+        row = auth.find(s, key_id)
+        secret = auth.rotate_webhook_secret(s, row.id) if row else None
+    if secret is None:
+        raise click.ClickException(f"no single key matches {key_id!r}")
+    click.echo(secret)
+
+
 @main.command()
 @click.option(
     "--data-dir",
@@ -193,7 +313,9 @@ def example(url: str, key: str | None, timeout: float) -> None:
         ("images", (p.name, p.read_bytes(), "image/jpeg"))
         for p in (SAMPLES / "dreamomni2-input-1.jpg", SAMPLES / "dreamomni2-input-2.jpg")
     ]
-    with httpx.Client(base_url=url, timeout=30) as client:
+    key = key or _dev_key()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.Client(base_url=url, timeout=30, headers=headers) as client:
         r = client.post(
             "/v1/jobs", files=files, data={"prompt": SEED_PROMPT, "steps": "25", "scale": "3.5"}
         )
@@ -228,6 +350,343 @@ def openapi() -> None:
     from service.api.app import create_app
 
     click.echo(json.dumps(create_app().openapi(), indent=2, sort_keys=True))
+
+
+# --- Talking to a running gateway: edit, jobs list|show|cancel|wait -----------------------
+
+STATUSES = ("queued", "submitting", "running", "finalizing", "succeeded", "failed", "canceled")
+STATUS_STYLE = {
+    "queued": "cyan",
+    "submitting": "cyan",
+    "running": "blue",
+    "finalizing": "magenta",
+    "succeeded": "green",
+    "failed": "red",
+    "canceled": "yellow",
+}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def gateway_options(f: F) -> F:
+    """--url and --key, from DREAMGATE_URL / DREAMGATE_KEY (then the dev key file)."""
+    f = click.option(
+        "--key",
+        envvar="DREAMGATE_KEY",
+        default=None,
+        help="API key [env DREAMGATE_KEY; default: the dev key that `dreamgate dev` wrote].",
+    )(f)
+    return click.option(
+        "--url",
+        envvar="DREAMGATE_URL",
+        default=DEFAULT_URL,
+        show_default=True,
+        help="The gateway [env DREAMGATE_URL].",
+    )(f)
+
+
+def gateway(url: str, key: str | None) -> Client:
+    return Client(url, key or os.environ.get("DREAMGATE_KEY") or _dev_key())
+
+
+def _err_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _out_console() -> Console:
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 200  # pipes and logs: whole ids and timestamps, not an 80-column cut
+    return console
+
+
+def _when(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _styled(status: str) -> Text:
+    return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+def _seconds(start: str | None, end: str | None) -> str:
+    a, b = _when(start), _when(end)
+    return f"+{(b - a).total_seconds():.2f}s" if a and b else ""
+
+
+def _transitions(job: Job) -> list[dict[str, Any]]:
+    return [e for e in job.get("timeline") or [] if e.get("kind") == "transition"]
+
+
+class JobFollower:
+    """Shows a job's progress while it is followed: live on a terminal, line by line
+    otherwise (logs, pipes), with every status transition and Wiro's own status."""
+
+    def __init__(self, console: Console, job_id: str) -> None:
+        self.console = console
+        self.job_id = job_id
+        self.job: Job | None = None
+        self.started = time.monotonic()
+        self.wiro_seen: list[str] = []
+        self.printed: set[int] = set()
+        self.live: Live | None = None
+        self.spinner = Spinner("dots")
+        self.ended: float | None = None
+
+    def __enter__(self) -> JobFollower:
+        if self.console.is_terminal:
+            self.live = Live(self, console=self.console, refresh_per_second=10)
+            self.live.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+    def update(self, job: Job) -> None:
+        if self.job is None and self.live is None:
+            self.console.print(f"job {self.job_id}")
+        self.job = job
+        wiro = (job.get("wiro") or {}).get("status")
+        new_wiro = bool(wiro) and (not self.wiro_seen or self.wiro_seen[-1] != wiro)
+        if new_wiro:
+            self.wiro_seen.append(str(wiro))
+        if self.live is not None:
+            self.live.refresh()
+            return
+        for e in _transitions(job):
+            if e["id"] not in self.printed:
+                self.printed.add(e["id"])
+                since = _seconds(job.get("created_at"), e.get("at"))
+                self.console.print(f"  {e.get('to') or '?':<11} {since}")
+        if new_wiro:
+            self.console.print(f"  {'wiro':<11} {wiro}")
+
+    def __rich__(self) -> RenderableType:
+        job = self.job or {}
+        status = str(job.get("status") or "submitting")
+        rows = Table.grid(padding=(0, 2))
+        rows.add_column(min_width=11)
+        rows.add_column(justify="right")
+        for e in _transitions(job):
+            rows.add_row(_styled(e.get("to") or "?"), _seconds(job.get("created_at"), e.get("at")))
+        head = Text.assemble(("job ", "bold"), (self.job_id, "bold"), "  ", _styled(status))
+        if self.wiro_seen:
+            head.append(f"  wiro: {' → '.join(self.wiro_seen)}", style="dim")
+        if status in TERMINAL and self.ended is None:
+            self.ended = time.monotonic()
+        head.append(f"  {(self.ended or time.monotonic()) - self.started:.1f}s", style="dim")
+        parts: list[RenderableType] = [head, rows]
+        if status not in TERMINAL:
+            self.spinner.text = Text(f"waiting for the job ({status})", style="dim")
+            parts.append(self.spinner)
+        return Group(*parts)
+
+
+def follow(client: Client, job_id: str, timeout: float | None) -> Job:
+    """Wait for a job to end while showing its progress on stderr."""
+    with JobFollower(_err_console(), job_id) as shown:
+        # The gateway answers a held request the moment the job ends; short holds keep the
+        # display current with the statuses in between (Wiro's included).
+        return client.wait(job_id, timeout=timeout, on_update=shown.update, hold=2)
+
+
+def _finish(job: Job) -> None:
+    """One closing line on stderr; exit 1 unless the job succeeded."""
+    err = _err_console()
+    if job["status"] == "succeeded":
+        return
+    error = job.get("error") or {}
+    why = f": {error.get('message')} ({error.get('code')})" if error else ""
+    err.print(Text.assemble("job ", str(job["id"]), " ", _styled(job["status"]), why))
+    sys.exit(1)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE_OR_URL...")
+@click.option("--prompt", "-p", required=True, help="What to change; the first image is edited.")
+@click.option("--steps", type=click.IntRange(1, 500), default=None, help="Inference steps [25].")
+@click.option("--scale", type=float, default=None, help="Guidance scale [3.5].")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(),
+    show_default="current directory",
+    help="Where the outputs are saved, as <job_id>-<n>-<name>.",
+)
+@click.option("--no-wait", is_flag=True, help="Print the job's id and return at once.")
+@click.option("--timeout", type=float, default=900.0, show_default=True, help="Seconds to wait.")
+@click.option("--idempotency-key", default=None, help="Send again safely: same key, same job.")
+@gateway_options
+def edit(
+    images: tuple[str, ...],
+    prompt: str,
+    steps: int | None,
+    scale: float | None,
+    out: Path,
+    no_wait: bool,
+    timeout: float,
+    idempotency_key: str | None,
+    url: str,
+    key: str | None,
+) -> None:
+    """Edit images with DreamOmni2: files and http(s) URLs, in order (the first is edited,
+    the others are references). Follows the job, then saves its outputs into --out and
+    prints their paths. Exit code 0 when it succeeded, 1 when it failed or was canceled."""
+    with gateway(url, key) as client:
+        job = client.submit(
+            list(images), prompt, steps=steps, scale=scale, idempotency_key=idempotency_key
+        )
+        if no_wait:
+            click.echo(job["id"])
+            return
+        job = follow(client, job["id"], timeout)
+        if job["status"] == "succeeded":
+            for path in client.save_outputs(job, out):
+                click.echo(str(path))
+    _finish(job)
+
+
+@main.group()
+def jobs() -> None:
+    """List, show, cancel and wait for jobs on a running gateway."""
+
+
+@jobs.command("list")
+@click.option("--status", type=click.Choice(STATUSES), default=None, help="Only these jobs.")
+@click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the page as JSON.")
+@gateway_options
+def jobs_list(status: str | None, limit: int, as_json: bool, url: str, key: str | None) -> None:
+    """Your newest jobs first."""
+    with gateway(url, key) as client:
+        page = client.list(status=status, limit=limit)
+    if as_json:
+        click.echo(json.dumps(page, indent=2))
+        return
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("id", no_wrap=True, min_width=36)
+    table.add_column("status", no_wrap=True)
+    table.add_column("wiro", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("outputs", justify="right")
+    table.add_column("prompt", overflow="ellipsis", max_width=50)
+    for j in page["data"]:
+        created = _when(j.get("created_at"))
+        table.add_row(
+            str(j["id"]),
+            _styled(j["status"]),
+            (j.get("wiro") or {}).get("status") or "",
+            created.astimezone().strftime("%Y-%m-%d %H:%M:%S") if created else "",
+            str(len(j.get("outputs") or [])),
+            j.get("prompt") or "",
+        )
+    con = _out_console()
+    if not page["data"]:
+        con.print("no jobs")
+        return
+    con.print(table)
+    if page.get("next_cursor"):
+        con.print(f"more: older jobs follow (cursor {page['next_cursor']})", style="dim")
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
+@gateway_options
+def jobs_show(job_id: str, as_json: bool, url: str, key: str | None) -> None:
+    """A job's status, timeline, outputs and error."""
+    with gateway(url, key) as client:
+        job = client.get(job_id)
+    if as_json:
+        click.echo(json.dumps(job, indent=2))
+        return
+    con = _out_console()
+    wiro = job.get("wiro") or {}
+    con.print(
+        Text.assemble(("job ", "bold"), (str(job["id"]), "bold"), "  ", _styled(job["status"]))
+    )
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="dim")
+    facts.add_column()
+    facts.add_row("prompt", Text(str(job.get("prompt"))))
+    facts.add_row("steps/scale", f"{job.get('steps')} / {job.get('scale')}")
+    facts.add_row("created", str(job.get("created_at")))
+    if job.get("finished_at"):
+        facts.add_row("finished", str(job["finished_at"]))
+    facts.add_row(
+        "wiro",
+        f"task {wiro.get('taskid') or '-'}  status {wiro.get('status') or '-'}"
+        + (f"  cost {wiro['cost']}" if wiro.get("cost") else ""),
+    )
+    if job.get("cancel_requested"):
+        facts.add_row("cancel", "requested")
+    if job.get("error"):
+        facts.add_row("error", Text(f"{job['error']['message']} ({job['error']['code']})", "red"))
+    con.print(facts)
+    if job.get("timeline"):
+        timeline = Table(title="timeline", title_justify="left", box=box.SIMPLE_HEAD)
+        for col in ("at", "", "event"):
+            timeline.add_column(col, no_wrap=True)
+        timeline.add_column("detail", overflow="fold")
+        for e in job["timeline"]:
+            what = (
+                Text.assemble(e.get("from") or "∅", " → ", _styled(e.get("to") or "?"))
+                if e.get("kind") == "transition"
+                else Text(str(e.get("kind")))
+            )
+            detail = json.dumps(e.get("detail") or {}, separators=(",", ":"))
+            timeline.add_row(
+                str(e.get("at")),
+                _seconds(job.get("created_at"), e.get("at")),
+                what,
+                Text(detail if detail != "{}" else "", style="dim"),
+            )
+        con.print(timeline)
+    if job.get("outputs"):
+        outputs = Table(title="outputs", title_justify="left", box=box.SIMPLE_HEAD)
+        for col in ("n", "file", "type", "bytes", "sha256"):
+            outputs.add_column(col, no_wrap=True)
+        for o in job["outputs"]:
+            outputs.add_row(
+                str(o["position"]), o["filename"], o["content_type"], str(o["size"]), o["sha256"]
+            )
+        con.print(outputs)
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@gateway_options
+def jobs_cancel(job_id: str, url: str, key: str | None) -> None:
+    """Cancel a job (at once when Wiro does not have it yet, else asked of Wiro)."""
+    with gateway(url, key) as client:
+        job = client.cancel(job_id)
+    if job["status"] == "canceled":
+        click.echo(f"job {job['id']} canceled")
+    else:
+        click.echo(f"job {job['id']}: cancel requested (still {job['status']}, Wiro confirms)")
+
+
+@jobs.command("wait")
+@click.argument("job_id")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also save the outputs here.",
+)
+@gateway_options
+def jobs_wait(
+    job_id: str, timeout: float | None, out: Path | None, url: str, key: str | None
+) -> None:
+    """Follow a job until it ends. Exit code 0 when it succeeded, 1 when it failed or was
+    canceled, 2 on an error (such as --timeout running out)."""
+    with gateway(url, key) as client:
+        job = follow(client, job_id, timeout)
+        if job["status"] == "succeeded" and out is not None:
+            for path in client.save_outputs(job, out):
+                click.echo(str(path))
+    click.echo(f"job {job['id']} {job['status']}")
+    _finish(job)
 
 
 if __name__ == "__main__":

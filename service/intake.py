@@ -17,7 +17,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from service import jobs
+from service import jobs, ssrf
 from service.container import Services
 from service.db import transaction
 from service.models import IdempotencyKey
@@ -173,6 +173,8 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
             earlier = _earlier(s, caller, request_hash)
         if earlier is not None:
             return earlier
+    if sub.webhook_url:
+        check_webhook_url(svc, sub.webhook_url)
     job_id = uuid.uuid4()
     limit = svc.settings.max_image_bytes
     inputs: list[jobs.NewInput] = []
@@ -217,7 +219,10 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
                 raise _LostRace
     except BaseException as exc:
         if any(i.kind == "file" for i in inputs):
-            svc.storage.delete_prefix(f"inputs/{job_id}/")
+            try:
+                svc.storage.delete_prefix(f"inputs/{job_id}/")
+            except Exception as cleanup:  # S3 may be the thing that failed; keep the cause
+                log.warning("input_cleanup_failed", job_id=str(job_id), error=str(cleanup))
         if isinstance(exc, _LostRace):
             with transaction(svc.sessions) as s:
                 earlier = _earlier(s, caller, request_hash)
@@ -230,6 +235,24 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
     except Exception as exc:  # the job is safe in PostgreSQL; the sweep re-sends it
         log.warning("enqueue_failed", job_id=str(job_id), error=str(exc))
     return Accepted(job_id=job_id, replayed=False)
+
+
+def check_webhook_url(svc: Services, url: str) -> None:
+    """Refuse a webhook URL into loopback/private/link-local/metadata ranges (SSRF guard).
+
+    A host that does not resolve now is let through: that may be temporary, and every
+    delivery attempt checks the URL again before connecting.
+    """
+    try:
+        ssrf.check_url(url, svc.settings.webhook_allow_list)
+    except ssrf.UrlRefused as exc:
+        raise InputError(
+            "webhook_url_not_allowed",
+            f"webhook_url is not allowed: {exc.reason}",
+            field="webhook_url",
+        ) from exc
+    except OSError as exc:
+        log.info("webhook_url_unresolved", error=str(exc))
 
 
 def _claim_key(s: Session, caller: Caller, request_hash: str, job_id: uuid.UUID) -> bool:

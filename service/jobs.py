@@ -44,6 +44,16 @@ class IllegalTransition(ValueError):
 
 
 @dataclass(frozen=True)
+class Moved:
+    """What a transition that happened did: the state left, the state entered, its event."""
+
+    from_status: JobStatus
+    to_status: JobStatus
+    event_id: int
+    job_id: uuid.UUID
+
+
+@dataclass(frozen=True)
 class NewInput:
     """An input image as accepted by the API, before it is stored."""
 
@@ -130,8 +140,8 @@ def transition(
     from_: Iterable[JobStatus] | None = None,
     detail: dict[str, Any] | None = None,
     **values: Any,
-) -> JobStatus | None:
-    """Move a job to ``to`` if it is in one of ``from_``; return the state it left, or None."""
+) -> Moved | None:
+    """Move a job to ``to`` if it is in one of ``from_``; None when it was not there."""
     allowed = ALLOWED[to]
     sources = frozenset(from_) if from_ is not None else allowed
     if not sources <= allowed:
@@ -158,10 +168,14 @@ def transition(
                 cast(literal(json.dumps(detail or {}), String), JSONB),
             ),
         )
-        .returning(JobEvent.from_status)
+        .returning(JobEvent.id, JobEvent.from_status)
     )
-    previous = session.execute(event).scalar_one_or_none()
-    return None if previous is None else JobStatus(previous)
+    row = session.execute(event).one_or_none()
+    if row is None:
+        return None
+    return Moved(
+        from_status=JobStatus(row.from_status), to_status=to, event_id=row.id, job_id=job_id
+    )
 
 
 def note(session: Session, job_id: uuid.UUID, kind: str, detail: dict[str, Any]) -> None:

@@ -231,3 +231,67 @@ class JobEvent(Base):
     )
 
     job: Mapped[Job] = relationship(back_populates="events")
+
+
+class WebhookMessage(Base):
+    """One webhook to send: a job event a client wants to hear about, with its frozen body.
+
+    ``job_event_id`` is unique, so dispatching the same event twice makes one message; its
+    ``msg_id`` is the ``webhook-id`` header of every attempt.
+    """
+
+    __tablename__ = "webhook_messages"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    msg_id: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    job_event_id: Mapped[int] = mapped_column(
+        ForeignKey("job_events.id", ondelete="CASCADE"), nullable=False, unique=True
+    )
+    event_type: Mapped[str] = mapped_column(String(32), nullable=False)
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    # The raw JSON body, byte for byte as sent on every attempt.
+    body: Mapped[str] = mapped_column(Text, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+    deliveries: Mapped[list[WebhookDelivery]] = relationship(
+        back_populates="message", order_by="WebhookDelivery.attempt"
+    )
+
+    __table_args__ = (
+        CheckConstraint("status IN ('pending','delivered','failed')", name="status"),
+        Index(
+            "ix_webhook_messages_pending_next",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+    )
+
+
+class WebhookDelivery(Base):
+    """One attempt to deliver a webhook message, whatever its outcome."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    message_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("webhook_messages.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    # At most the first 1 KiB of the response body.
+    response_excerpt: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
+    )
+
+    message: Mapped[WebhookMessage] = relationship(back_populates="deliveries")

@@ -21,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from service import jobs
+from service import jobs, webhooks
 from service.container import Services
 from service.db import transaction
 from service.models import Job, JobOutput
@@ -80,7 +80,7 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
         return
     except WiroRejected as exc:
         with transaction(svc.sessions) as s:
-            jobs.transition(
+            failed = jobs.transition(
                 s,
                 job_id,
                 S.failed,
@@ -89,6 +89,7 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
                 error_code="wiro_rejected",
                 error_message=exc.message,
             )
+        webhooks.announce(svc, failed)
         return
     except WiroUncertain as exc:
         # Wiro may hold a task for us. Never send a second Run: wait for the callback to
@@ -110,6 +111,7 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
             last_news_at=func.now(),
         )
         current = jobs.get(s, job_id, full=False)
+    webhooks.announce(svc, moved)
     bound.info("run_accepted", taskid=accepted.taskid, moved=bool(moved))
     if current is not None and current.cancel_requested_at is not None:
         cancel_at_wiro(svc, job_id)
@@ -141,9 +143,9 @@ def _run(svc: Services, job: Job, callback: str) -> Any:
 def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> None:
     """Wiro certainly did not take the job: queue it again, or fail it past the deadline."""
     age = (datetime.now(UTC) - job.created_at).total_seconds()
-    with transaction(svc.sessions) as s:
-        if age > svc.settings.submit_deadline_s:
-            jobs.transition(
+    if age > svc.settings.submit_deadline_s:
+        with transaction(svc.sessions) as s:
+            failed = jobs.transition(
                 s,
                 job.id,
                 S.failed,
@@ -152,7 +154,9 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
                 error_code="wiro_unavailable",
                 error_message=f"Wiro kept refusing the job for {int(age)} s: {exc.message}",
             )
-            return
+        webhooks.announce(svc, failed)
+        return
+    with transaction(svc.sessions) as s:
         delay = exc.retry_after if exc.retry_after is not None else backoff_s(attempt)
         moved = jobs.transition(
             s,
@@ -202,7 +206,7 @@ def _adopt(svc: Services, job: Job, taskid: str, *, source: str) -> None:
         log.warning("adopt_refused", job_id=str(job.id), taskid=taskid)
         return
     with transaction(svc.sessions) as s:
-        jobs.transition(
+        adopted = jobs.transition(
             s,
             job.id,
             S.running,
@@ -213,6 +217,7 @@ def _adopt(svc: Services, job: Job, taskid: str, *, source: str) -> None:
             wiro_status=task.status,
             last_news_at=func.now(),
         )
+    webhooks.announce(svc, adopted)
     apply_task(svc, job.id, task, source=source)
 
 
@@ -263,6 +268,7 @@ def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str)
             )
     if moved and outcome is Outcome.succeeded:
         svc.queue.finalize(job_id)
+    webhooks.announce(svc, moved)
 
 
 # -- finalize ----------------------------------------------------------------------------
@@ -289,7 +295,12 @@ def finalize(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
         key = output_key(job_id, n, str(out.get("name") or f"{n}.png"))
         try:
             stored, ctype = copy_url(svc, str(out["url"]), key, str(out.get("content_type") or ""))
-        except (httpx.HTTPError, BotoCoreError, ClientError, OutputError) as exc:
+        except (BotoCoreError, ClientError) as exc:
+            # Our own storage failing is no reason to give up on the job: retry, uncounted.
+            message = f"output {n}: storage: {type(exc).__name__}: {exc}"
+            _finalize_failed(svc, job_id, attempt, message, counted=False)
+            return
+        except (httpx.HTTPError, OutputError) as exc:
             _finalize_failed(svc, job_id, attempt, f"output {n}: {type(exc).__name__}: {exc}")
             return
         with transaction(svc.sessions) as s:
@@ -308,13 +319,14 @@ def finalize(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
                 .on_conflict_do_nothing()
             )
     with transaction(svc.sessions) as s:
-        jobs.transition(
+        succeeded = jobs.transition(
             s,
             job_id,
             S.succeeded,
             from_=[S.finalizing],
             detail={"outputs": len(job.wiro_outputs or [])},
         )
+    webhooks.announce(svc, succeeded)
 
 
 class OutputError(Exception):
@@ -334,11 +346,14 @@ def copy_url(svc: Services, url: str, key: str, content_type: str) -> tuple[Stor
     return stored, ctype
 
 
-def _finalize_failed(svc: Services, job_id: uuid.UUID, attempt: int, message: str) -> None:
+def _finalize_failed(
+    svc: Services, job_id: uuid.UUID, attempt: int, message: str, *, counted: bool = True
+) -> None:
+    """Retry a failed copy later; after FINALIZE_ATTEMPTS failures of Wiro's URL, fail."""
     log.warning("finalize_failed", job_id=str(job_id), attempt=attempt, error=message)
-    with transaction(svc.sessions) as s:
-        if attempt + 1 >= svc.settings.finalize_attempts:
-            jobs.transition(
+    if counted and attempt + 1 >= svc.settings.finalize_attempts:
+        with transaction(svc.sessions) as s:
+            failed = jobs.transition(
                 s,
                 job_id,
                 S.failed,
@@ -347,16 +362,18 @@ def _finalize_failed(svc: Services, job_id: uuid.UUID, attempt: int, message: st
                 error_code="output_copy_failed",
                 error_message=message,
             )
-            return
+        webhooks.announce(svc, failed)
+        return
+    with transaction(svc.sessions) as s:
         jobs.note(s, job_id, "finalize_retry", {"attempt": attempt, "error": message})
-        delay = backoff_s(attempt, base=2.0, cap=120.0)
+        delay = backoff_s(attempt, base=2.0, cap=120.0) if counted else random.uniform(1, 10)
         jobs.update_fields(
             s,
             job_id,
             when=[S.finalizing],
             enqueued_at=func.now() + timedelta(seconds=delay),
         )
-    svc.queue.finalize(job_id, attempt=attempt + 1, countdown=delay)
+    svc.queue.finalize(job_id, attempt=attempt + 1 if counted else attempt, countdown=delay)
 
 
 # -- cancel ------------------------------------------------------------------------------
@@ -373,8 +390,11 @@ class NotCancelable(Exception):
 def request_cancel(svc: Services, job_id: uuid.UUID) -> bool:
     """Cancel locally when Wiro has nothing yet; otherwise ask a worker to. True if done now."""
     with transaction(svc.sessions) as s:
-        if jobs.transition(s, job_id, S.canceled, from_=[S.queued], detail={"by": "client"}):
-            return True
+        canceled = jobs.transition(s, job_id, S.canceled, from_=[S.queued], detail={"by": "client"})
+    if canceled is not None:
+        webhooks.announce(svc, canceled)
+        return True
+    with transaction(svc.sessions) as s:
         job = jobs.get(s, job_id, full=False)
         if job is None:
             raise LookupError(job_id)

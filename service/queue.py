@@ -17,6 +17,8 @@ RECONCILE = "dreamgate.reconcile"
 FINALIZE = "dreamgate.finalize"
 CANCEL = "dreamgate.cancel"
 SWEEP = "dreamgate.sweep"
+WEBHOOK_DISPATCH = "dreamgate.webhook_dispatch"
+WEBHOOK_DELIVER = "dreamgate.webhook_deliver"
 
 # A message older than this is dropped by the worker; the sweep re-sends what still matters.
 EXPIRES_S = 3600
@@ -70,6 +72,14 @@ class TaskQueue:
     def cancel(self, job_id: uuid.UUID) -> None:
         """Ask a worker to cancel or kill the job's task at Wiro."""
         self._send(CANCEL, str(job_id))
+
+    def webhook_dispatch(self, event_id: int) -> None:
+        """Ask a worker to turn a job event into a webhook message, if the client wants it."""
+        self._send(WEBHOOK_DISPATCH, event_id)
+
+    def webhook_deliver(self, message_id: uuid.UUID, *, countdown: float | None = None) -> None:
+        """Ask a worker to attempt a webhook message (once it is due)."""
+        self._send(WEBHOOK_DELIVER, str(message_id), countdown=countdown)
 
     def ping(self) -> None:
         """Raise unless the broker answers."""

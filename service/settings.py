@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,6 +20,11 @@ class Settings(BaseSettings):
     s3_bucket: str = "dreamgate"
     s3_region: str = "us-east-1"
     presign_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
+    # Days that outputs (outputs/ in the bucket) are kept; 0 keeps them forever. Meant to be
+    # applied as an S3 lifecycle rule on the outputs/ prefix, not by a job of our own.
+    output_retention_days: int = Field(0, ge=0)
+    # Seconds between keep-alive comments on an idle SSE stream (GET /v1/jobs/{id}/events).
+    sse_keepalive_s: float = Field(15.0, gt=0)
 
     wiro_base_url: str = "https://api.wiro.ai/v1"
     wiro_api_key: SecretStr = SecretStr("")
@@ -42,9 +47,39 @@ class Settings(BaseSettings):
 
     max_images: int = Field(4, ge=1)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
-    max_prompt_chars: int = Field(2000, ge=1)
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest request body accepted: every image at its limit, plus 1 MiB."""
+        return self.max_images * self.max_image_bytes + 1024 * 1024
+
+    # Client webhooks. Hosts (names, IPs or CIDR networks, comma-separated) that may be
+    # called although they resolve to loopback/private/link-local addresses.
+    webhook_allow_hosts: str = ""
+    webhook_timeout_s: float = Field(15.0, gt=0)
+    # Seconds before each attempt, comma-separated: the first is the first attempt's delay;
+    # one attempt per entry (Svix's schedule: about 37 h in all).
+    webhook_retry_schedule_s: str = "0,5,300,1800,7200,18000,36000,36000"
 
     log_level: str = "INFO"
+
+    @field_validator("webhook_retry_schedule_s")
+    @classmethod
+    def _schedule_parses(cls, value: str) -> str:
+        delays = [float(x) for x in value.split(",") if x.strip()]
+        if not delays or any(d < 0 for d in delays):
+            raise ValueError("give one or more non-negative delays in seconds, comma-separated")
+        return value
+
+    @property
+    def webhook_schedule(self) -> tuple[float, ...]:
+        """Delay before each webhook attempt, in seconds; its length is the attempt count."""
+        return tuple(float(x) for x in self.webhook_retry_schedule_s.split(",") if x.strip())
+
+    @property
+    def webhook_allow_list(self) -> tuple[str, ...]:
+        """The entries of WEBHOOK_ALLOW_HOSTS."""
+        return tuple(h.strip() for h in self.webhook_allow_hosts.split(",") if h.strip())
 
     @property
     def wiro_signed(self) -> bool:

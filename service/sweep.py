@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import structlog
 
-from service import jobs
+from service import jobs, webhooks
 from service.container import Services
 from service.db import transaction
 from service.models import JobStatus as S
@@ -24,6 +24,13 @@ class SweepReport:
     requeued_unsent: int = 0
     failed_uncertain: int = 0
     refinalized: int = 0
+    webhooks_dispatched: int = 0
+    webhooks_resent: int = 0
+
+
+# A job event (older than STUCK_AFTER_S) whose webhook dispatch made no message was lost on
+# the way; events older than the window are left alone (and keep the scan small).
+WEBHOOK_DISPATCH_WINDOW = timedelta(days=1)
 
 
 def sweep(svc: Services) -> SweepReport:
@@ -71,8 +78,9 @@ def sweep(svc: Services) -> SweepReport:
         uncertain = jobs.uncertain_runs(
             s, older_than=timedelta(seconds=cfg.run_uncertain_wait_s), batch=cfg.sweep_batch
         )
+        failed: list[jobs.Moved] = []
         for job_id in uncertain:
-            if jobs.transition(
+            if gave_up := jobs.transition(
                 s,
                 job_id,
                 S.failed,
@@ -84,13 +92,34 @@ def sweep(svc: Services) -> SweepReport:
                     "it was not sent again to avoid a second task."
                 ),
             ):
-                report.failed_uncertain += 1
+                failed.append(gave_up)
+    for gave_up in failed:
+        webhooks.announce(svc, gave_up)
+    report.failed_uncertain = len(failed)
 
     with transaction(svc.sessions) as s:
         finalizing = jobs.stale(s, S.finalizing, older_than=stuck, batch=cfg.sweep_batch)
     for job in finalizing:
         svc.queue.finalize(job.id)
     report.refinalized = len(finalizing)
+
+    # Webhooks: job events whose dispatch was lost, and attempts whose message was lost
+    # (or a long wait the broker was not asked to hold, now due).
+    with transaction(svc.sessions) as s:
+        events = webhooks.undispatched_events(
+            s,
+            older_than=stuck,
+            within=WEBHOOK_DISPATCH_WINDOW,
+            batch=cfg.sweep_batch,
+        )
+    for event_id in events:
+        svc.queue.webhook_dispatch(event_id)
+    report.webhooks_dispatched = len(events)
+    with transaction(svc.sessions) as s:
+        late = webhooks.claim_late(s, older_than=stuck, batch=cfg.sweep_batch)
+    for message_id in late:
+        svc.queue.webhook_deliver(message_id)
+    report.webhooks_resent = len(late)
 
     if any(asdict(report).values()):
         log.info("sweep", **asdict(report))

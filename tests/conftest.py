@@ -22,6 +22,7 @@ import httpx
 import psycopg
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
 from service import auth
 from service.auth import IssuedKey
@@ -42,7 +43,13 @@ TEST_SETTINGS = {
     "WIRO_TIMEOUT_S": "5",
     "OUTPUT_READ_TIMEOUT_S": "5",
     "FINALIZE_ATTEMPTS": "2",
+    "SSE_KEEPALIVE_S": "1",
     "S3_BUCKET": "dreamgate-test",
+    "MAX_IMAGE_BYTES": str(2 * 1024 * 1024),  # so oversize tests send megabytes, not 80
+    # Webhook receivers in tests listen on 127.0.0.1; retries come within seconds.
+    "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+    "WEBHOOK_RETRY_SCHEDULE_S": "0,0.5,1,1",
+    "WEBHOOK_TIMEOUT_S": "3",
     "LOG_LEVEL": "INFO",
 }
 
@@ -199,10 +206,21 @@ def s3(stack: Stack) -> Any:
 @pytest.fixture
 def clean(engine: Engine, sim: httpx.Client) -> Iterator[None]:
     """Every end-to-end test starts with no jobs and a simulator in its default state."""
-    with engine.begin() as conn:
-        conn.execute(
-            text("TRUNCATE jobs, job_inputs, job_outputs, job_events, idempotency_keys CASCADE")
-        )
+    # Workers and beat keep reading these tables; TRUNCATE may be a deadlock's victim.
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "TRUNCATE jobs, job_inputs, job_outputs, job_events, idempotency_keys "
+                        "CASCADE"
+                    )
+                )
+            break
+        except OperationalError as exc:
+            if not isinstance(exc.orig, psycopg.errors.DeadlockDetected) or attempt == 4:
+                raise
+            time.sleep(0.2)
     sim.post("/_sim/reset").raise_for_status()
     sim.put("/_sim/config", json={"task_duration_s": 0.5}).raise_for_status()
     yield

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -143,7 +144,7 @@ def test_oversized_image_is_refused(
     api: httpx.Client, engine: Engine, s3: Any, stack: Stack
 ) -> None:
     before = stored(engine, s3, stack)
-    big = io.BytesIO(sample(1).read_bytes() + b"\0" * (21 * 1024 * 1024))
+    big = io.BytesIO(sample(1).read_bytes() + b"\0" * (3 * 1024 * 1024))
     r = api.post("/v1/jobs", files=[("images", ("big.jpg", big, "image/jpeg"))], data=GOOD)
     assert_problem(r, 413, "image_too_large")
     assert stored(engine, s3, stack) == before
@@ -154,3 +155,44 @@ def test_job_ids_and_query_parameters_are_validated(api: httpx.Client) -> None:
     assert_problem(api.get("/v1/jobs", params={"status": "nope"}), 422, "validation_error")
     assert_problem(api.get("/v1/jobs", params={"limit": 0}), 422, "validation_error")
     assert_problem(api.get("/v1/nowhere"), 404, "not_found")
+
+
+def test_body_over_the_request_limit_is_refused_before_it_is_read(api: httpx.Client) -> None:
+    # 4 images x 2 MiB + 1 MiB is the limit in the test stack.
+    declared = api.post(
+        "/v1/jobs",
+        content=b"x" * (10 * 1024 * 1024),
+        headers={"content-type": "multipart/form-data; boundary=x"},
+    )
+    assert_problem(declared, 413, "payload_too_large")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted while streaming
+        yield (
+            b'--x\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n"
+        )
+        for _ in range(12):
+            yield b"x" * (1024 * 1024)
+
+    # The server answers 413 and closes while the client is still sending; depending on
+    # timing the client reads that answer or sees the connection cut. Either way: refused.
+    try:
+        streamed = api.post(
+            "/v1/jobs",
+            content=chunks(),
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        )
+    except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+        return
+    assert_problem(streamed, 413, "payload_too_large")
+
+
+def test_oversized_headers_are_refused(api: httpx.Client) -> None:
+    assert api.get("/v1/jobs", headers={"x-padding": "y" * 1024}).status_code == 200
+    # Refused by the server while it reads the header block: a 431, or the connection cut
+    # before the client finished sending.
+    try:
+        r = api.get("/v1/jobs", headers={"x-padding": "y" * (128 * 1024)})
+    except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+        return
+    assert r.status_code in (400, 431)  # h11 answers a plain 400

@@ -87,3 +87,28 @@ def test_wiro_callback_needs_no_api_key_but_its_token(anon: httpx.Client) -> Non
     r = anon.post("/v1/wiro/callbacks/00000000-0000-0000-0000-000000000000?token=x", json={})
     assert r.status_code == 403
     assert r.json()["code"] == "invalid_callback_token"
+
+
+def test_keys_cli_creates_lists_and_revokes(stack: Stack) -> None:
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli", "keys", *args],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout
+
+    key = cli("create", "--owner", "cli-app", "--quiet").strip()
+    with client_for(stack, key) as client:
+        assert client.get("/v1/jobs").status_code == 200
+        listing = cli("list")
+        assert "cli-app" in listing and key[:10] in listing and key not in listing
+        assert "revoked" in cli("revoke", key[:10])
+        assert client.get("/v1/jobs").status_code == 401
+    shown = cli("create", "--owner", "cli-admin", "--admin")
+    assert "whsec_" in shown and "admin" in shown

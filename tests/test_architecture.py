@@ -49,10 +49,10 @@ def violations(package: str, exempt: tuple[str, ...], forbidden: tuple[str, ...]
     return bad
 
 
-@pytest.mark.parametrize(("package", "exempt", "forbidden"), RULES,
-                         ids=[r[0] for r in RULES])
-def test_dependencies_run_one_way(package: str, exempt: tuple[str, ...],
-                                  forbidden: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("package", "exempt", "forbidden"), RULES, ids=[r[0] for r in RULES])
+def test_dependencies_run_one_way(
+    package: str, exempt: tuple[str, ...], forbidden: tuple[str, ...]
+) -> None:
     assert violations(package, exempt, forbidden) == []
 
 

@@ -39,12 +39,24 @@ class FaultStack:
         self.s3_server.start()
         self.s3_proxy = FaultProxy(self.s3_server.port)
         self.s3_proxy.up()
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("WIRO", "S3_", "AWS_", "DATABASE_URL", "REDIS_URL"))}
-        env.update(TEST_SETTINGS, S3_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_proxy.port}",
-                   AWS_ACCESS_KEY_ID="embedded", AWS_SECRET_ACCESS_KEY="embedded")
-        ports = Ports(api=free_port(), sim=free_port(), postgres=free_port(),
-                      redis=free_port(), s3=self.s3_server.port)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("WIRO", "S3_", "AWS_", "DATABASE_URL", "REDIS_URL"))
+        }
+        env.update(
+            TEST_SETTINGS,
+            S3_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_proxy.port}",
+            AWS_ACCESS_KEY_ID="embedded",
+            AWS_SECRET_ACCESS_KEY="embedded",
+        )
+        ports = Ports(
+            api=free_port(),
+            sim=free_port(),
+            postgres=free_port(),
+            redis=free_port(),
+            s3=self.s3_server.port,
+        )
         self.stack = Stack(root / "stack", ports=ports, env=env, worker_concurrency=4)
         self.stack.start()
         self.engine = make_engine(self.stack.env["DATABASE_URL"])
@@ -52,9 +64,13 @@ class FaultStack:
             key = auth.create_key(s, owner="faults").key
         self.api = client_for(self.stack, key)
         self.sim = httpx.Client(base_url=f"http://127.0.0.1:{ports.sim}", timeout=30)
-        self.s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{self.s3_server.port}",
-                               region_name="us-east-1", aws_access_key_id="embedded",
-                               aws_secret_access_key="embedded")  # noqa: S106
+        self.s3 = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{self.s3_server.port}",
+            region_name="us-east-1",
+            aws_access_key_id="embedded",
+            aws_secret_access_key="embedded",
+        )
 
     def close(self) -> None:
         self.api.close()
@@ -67,8 +83,11 @@ class FaultStack:
     def submit(self, n: int = 1, **data: str) -> list[str]:
         ids = []
         for _ in range(n):
-            r = self.api.post("/v1/jobs", files=upload_files(sample(1), sample(2)),
-                              data={"prompt": "swap the suit", **data})
+            r = self.api.post(
+                "/v1/jobs",
+                files=upload_files(sample(1), sample(2)),
+                data={"prompt": "swap the suit", **data},
+            )
             assert r.status_code == 202, r.text
             ids.append(r.json()["id"])
         return ids
@@ -82,8 +101,9 @@ class FaultStack:
             assert job["status"] == "succeeded", json.dumps(job, indent=1)
             assert per_job[f"/v1/wiro/callbacks/{job['id']}"] == 1
             [out] = job["outputs"]
-            stored = self.s3.get_object(Bucket=self.stack.env["S3_BUCKET"],
-                                        Key=out["s3_key"])["Body"].read()
+            stored = self.s3.get_object(Bucket=self.stack.env["S3_BUCKET"], Key=out["s3_key"])[
+                "Body"
+            ].read()
             served = httpx.get(tasks[job["wiro"]["taskid"]]["outputs"][0]["url"]).content
             assert hashlib.sha256(stored).hexdigest() == out["sha256"]
             assert stored == served
@@ -113,9 +133,12 @@ def _fresh(faults: FaultStack) -> None:
 
 def test_worker_killed_while_run_is_in_flight_gets_its_task_adopted(faults: FaultStack) -> None:
     # Wiro creates the task, then answers slowly; the worker dies waiting for the answer.
-    faults.sim.put("/_sim/config", json={
-        "run_errors": [{"http_status": 200, "create_task": True, "hang_s": 3}],
-    }).raise_for_status()
+    faults.sim.put(
+        "/_sim/config",
+        json={
+            "run_errors": [{"http_status": 200, "create_task": True, "hang_s": 3}],
+        },
+    ).raise_for_status()
     [job_id] = faults.submit()
     wait_for(lambda: faults.sim.get("/_sim/stats").json()["run_calls"] == 1, what="the Run")
 
@@ -134,9 +157,13 @@ def test_job_claimed_by_a_worker_that_died_before_run_is_sent_again(
     try:
         [job_id] = faults.submit()
         with faults.engine.begin() as conn:  # the state a crash between claim and Run leaves
-            conn.execute(text(
-                "UPDATE jobs SET status = 'submitting', updated_at = now() - interval '1 hour',"
-                " enqueued_at = now() - interval '1 hour' WHERE id = :id"), {"id": job_id})
+            conn.execute(
+                text(
+                    "UPDATE jobs SET status = 'submitting', updated_at = now() - interval '1 hour',"
+                    " enqueued_at = now() - interval '1 hour' WHERE id = :id"
+                ),
+                {"id": job_id},
+            )
         broker = redis.Redis.from_url(faults.stack.env["REDIS_URL"])
         broker.delete("dreamgate")  # and its message is gone
     finally:

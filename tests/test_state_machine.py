@@ -50,7 +50,7 @@ def test_transition_moves_and_records_one_event(sessions: object) -> None:
     job_id = new_job(sessions)
     with transaction(sessions) as s:  # type: ignore[arg-type]
         left = jobs.transition(s, job_id, S.submitting, from_=[S.queued], detail={"a": 1})
-    assert left is S.queued
+    assert left is not None and left.from_status is S.queued and left.to_status is S.submitting
     assert events(sessions, job_id) == [(None, "queued"), ("queued", "submitting")]
 
 

@@ -197,6 +197,8 @@ def add_wiro_routes(app: FastAPI, state: SimState) -> None:
                 raise fault_error(fault)
             if task is not None:
                 return task
+        if cfg.run_fail_rate and state.rng.random() < cfg.run_fail_rate:
+            raise fault_error(Fault(http_status=cfg.run_fail_status))
         limit = state.config.max_concurrency
         if limit is not None and state.active_count() >= limit:
             raise WiroError(96, "You have reached your concurrency limit")

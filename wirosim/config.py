@@ -42,6 +42,9 @@ class SimConfig(BaseModel):
     fail_mode: FailMode = "none"
     drop_callbacks: float = Field(default=0.0, ge=0, le=1)
     repeat_callbacks: int = Field(default=0, ge=0)
+    repeat_callback_rate: float = Field(default=0.0, ge=0, le=1)  # chance of one extra copy
+    run_fail_rate: float = Field(default=0.0, ge=0, le=1)  # chance a Run is refused, no task
+    run_fail_status: int = Field(default=503, ge=400, le=599)
     callback_delay_s: float = Field(default=0.0, ge=0)
     callback_body: CallbackBody = "task"
     run_errors: list[Fault] = Field(default_factory=list)

@@ -212,6 +212,7 @@ class SimState:
         self._background: set[asyncio.Task[None]] = set()
         self._task_jobs: dict[str, asyncio.Task[None]] = {}
         self._rng = random.Random()
+        self.rng = self._rng  # shared with the Run handler's fault rates
         self._clear()
 
     def _clear(self) -> None:
@@ -422,7 +423,8 @@ class SimState:
         body = self._callback_body(snapshot)
         headers = {"content-type": "application/json"}
         async with httpx.AsyncClient(timeout=CALLBACK_TIMEOUT_S) as client:
-            for _ in range(1 + cfg.repeat_callbacks):
+            extra = 1 if self._rng.random() < cfg.repeat_callback_rate else 0
+            for _ in range(1 + cfg.repeat_callbacks + extra):
                 record: dict[str, Any] = {
                     "at": time.time(),
                     "taskid": task.id,

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import uuid
 
-from service import pipeline
-from service.queue import CANCEL, FINALIZE, RECONCILE, SUBMIT, SWEEP
+from service import pipeline, webhooks
+from service.queue import (
+    CANCEL,
+    FINALIZE,
+    RECONCILE,
+    SUBMIT,
+    SWEEP,
+    WEBHOOK_DELIVER,
+    WEBHOOK_DISPATCH,
+)
 from service.sweep import sweep as run_sweep
 from workers.app import app, services
 
@@ -32,6 +40,18 @@ def finalize(job_id: str, attempt: int = 0) -> None:
 def cancel(job_id: str) -> None:
     """Cancel or kill the job's task at Wiro."""
     pipeline.cancel_at_wiro(services(), uuid.UUID(job_id))
+
+
+@app.task(name=WEBHOOK_DISPATCH, ignore_result=True)
+def webhook_dispatch(event_id: int) -> None:
+    """Turn a job event into a webhook message, if the job's client wants it."""
+    webhooks.dispatch(services(), event_id)
+
+
+@app.task(name=WEBHOOK_DELIVER, ignore_result=True)
+def webhook_deliver(message_id: str) -> None:
+    """Attempt a webhook message if it is pending and due."""
+    webhooks.deliver(services(), uuid.UUID(message_id))
 
 
 @app.task(name=SWEEP, ignore_result=True)

@@ -6,10 +6,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from service.api import errors
-from service.api.routers import health, jobs, wiro_callback
+from service.api.limits import BodyLimit
+from service.api.routers import events, health, jobs, wiro_callback
 from service.container import Services, build_services
+from service.live import JobEvents, listen_dsn
 from service.settings import Settings, get_settings
 
 DESCRIPTION = """
@@ -29,13 +32,17 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = services is None
         app.state.services = services or build_services(cfg)
+        # One LISTEN connection per process wakes every Prefer: wait and SSE waiter.
+        app.state.live = JobEvents(listen_dsn(app.state.services.settings.database_url))
+        await app.state.live.start()
         try:
             yield
         finally:
+            await app.state.live.stop()
             if own:
                 app.state.services.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # Swagger UI and ReDoc served from the wheel: no CDN
         title="dreamgate",
         version="0.1.0",
         summary="A reliable REST gateway for Wiro's DreamOmni2 image editing",
@@ -44,6 +51,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     )
     errors.install(app)
     app.include_router(jobs.router)
+    app.include_router(events.router)
     app.include_router(wiro_callback.router)
     app.include_router(health.router)
+    errors.document_problems(app)
+    app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
     return app

@@ -6,6 +6,7 @@ from http import HTTPStatus
 from typing import Any
 
 import structlog
+from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -122,10 +123,55 @@ def install(app: FastAPI) -> None:
             request, exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)
         )
 
+    @app.exception_handler(BotoCoreError)
+    @app.exception_handler(ClientError)
+    async def _storage(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("storage_unavailable", path=request.url.path, error=type(exc).__name__)
+        return problem_response(
+            request,
+            503,
+            "storage_unavailable",
+            "object storage is not answering; try again",
+            headers={"Retry-After": "5"},
+        )
+
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled", path=request.url.path)
         return problem_response(request, 500, "internal_error", "internal error")
+
+
+def document_problems(app: FastAPI) -> None:
+    """Make the OpenAPI document tell the truth: every 4xx/5xx is problem+json.
+
+    FastAPI declares its own 422 body (HTTPValidationError) and files models under
+    application/json; our handlers answer RFC 9457 documents instead.
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = build()
+        ref = {"$ref": "#/components/schemas/Problem"}
+        for methods in spec.get("paths", {}).values():
+            for op in methods.values():
+                if op.get("security"):  # every authenticated route may answer 401
+                    op["responses"].setdefault("401", {"description": "Unauthorized"})
+                for code, answer in op.get("responses", {}).items():
+                    if code[0] in "45":
+                        answer["content"] = {"application/problem+json": {"schema": ref}}
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in problem.pop("$defs", {}).items():
+            schemas.setdefault(name, sub)
+        schemas.setdefault("Problem", problem)
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -1,19 +1,21 @@
-"""The jobs API: submit, read, list, cancel."""
+"""The jobs API: submit, read (optionally waiting for the end), list, cancel, outputs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import ValidationError
+from sqlalchemy import select
 from starlette.datastructures import UploadFile
 
-from service import intake, jobs, pipeline
+from service import intake, jobs, live, pipeline
 from service.api.deps import PrincipalDep, ServicesDep
 from service.api.errors import ProblemError, responses
 from service.api.schemas import (
@@ -28,7 +30,7 @@ from service.api.schemas import (
 from service.auth import Principal
 from service.container import Services
 from service.db import transaction
-from service.models import JobStatus
+from service.models import Job, JobOutput, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -63,6 +65,62 @@ def _load(svc: Services, job_id: uuid.UUID, who: Principal) -> JobOut:
         if job is None or (job.owner != who.owner and not who.is_admin):
             raise ProblemError(404, "job_not_found", f"no job {job_id}")
         return job_out(job, svc.storage, svc.settings.presign_ttl_s, full=True)
+
+
+PREFER_HEADER = Header(
+    description=(
+        "RFC 7240. `wait=N` (1-60 s; more counts as 60) holds the answer until the job "
+        "reaches a terminal state or N seconds pass, then answers with the job as it is. "
+        "The answer then carries `Preference-Applied: wait=N`."
+    ),
+    examples=["wait=30"],
+)
+PREFERENCE_APPLIED = {
+    "Preference-Applied": {
+        "description": "`wait=N` when a `Prefer: wait=N` was honoured.",
+        "schema": {"type": "string"},
+    }
+}
+
+
+def _status(svc: Services, job_id: uuid.UUID) -> JobStatus | None:
+    with transaction(svc.sessions) as s:
+        value = s.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
+    return None if value is None else JobStatus(value)
+
+
+async def _load_waiting(
+    request: Request, svc: Services, job_id: uuid.UUID, who: Principal, seconds: int
+) -> JobOut:
+    """The job once it is terminal, or as it is after ``seconds``.
+
+    The wait holds neither a database connection nor a thread: it sleeps on the process's
+    LISTEN hub and re-reads the status (briefly, in the thread pool) when woken.
+    """
+    hub: live.JobEvents = request.app.state.live
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    with hub.subscribe(job_id) as sub:  # subscribe before reading: no news falls between
+        job = await run_in_threadpool(_load, svc, job_id, who)
+        if job.status.terminal:
+            return job
+        changed = False
+        while (remaining := deadline - loop.time()) > 0:
+            if not await sub.wait(remaining):
+                continue
+            changed = True
+            now = await run_in_threadpool(_status, svc, job_id)
+            if now is None or now.terminal:
+                break
+    return await run_in_threadpool(_load, svc, job_id, who) if changed else job
+
+
+def _prefer_wait(request: Request, response: Response) -> int | None:
+    seconds = live.prefer_wait(request.headers.getlist("prefer"))
+    if seconds is not None:
+        response.headers["Preference-Applied"] = f"wait={seconds}"
+        response.headers["Vary"] = "Prefer"
+    return seconds
 
 
 def _invalid(exc: ValidationError, prefix: str = "body") -> RequestValidationError:
@@ -139,9 +197,13 @@ def _submission(params: EditParams, images: list[intake.Upload | str]) -> intake
         "Send one or more images (uploaded as repeated `images` file parts, or as repeated "
         "`image_urls`; also `application/json` with `image_urls`) with a prompt. The first "
         "image is the one edited; the others are references. Answers 202 with the job and "
-        "its `Location`."
+        "its `Location`. With `Prefer: wait=N` the answer waits up to N seconds for the job "
+        "to finish."
     ),
-    responses=responses(400, 401, 413, 415, 422),
+    responses={
+        202: {"description": "Accepted", "headers": PREFERENCE_APPLIED},
+        **responses(400, 401, 413, 415, 422, 503),
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -165,6 +227,7 @@ async def create_job(
             description="Stripe-style: the same key and request give back the same job.",
         ),
     ] = None,
+    prefer: Annotated[str | None, PREFER_HEADER] = None,
 ) -> Any:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
@@ -202,17 +265,22 @@ async def create_job(
             "this Idempotency-Key was used with a different request in the last 24 h",
         ) from exc
     location = {"Location": f"/v1/jobs/{accepted.job_id}"}
+    wait = _prefer_wait(request, response)
     if accepted.replayed:
         replay = {**location, "Idempotent-Replayed": "true"}
-        if accepted.response is not None:
+        if accepted.response is not None and wait is None:
             return JSONResponse(accepted.response, 202, headers=replay)
         response.headers.update(replay)
+        if wait is not None:
+            return await _load_waiting(request, svc, accepted.job_id, who, wait)
         return await run_in_threadpool(_load, svc, accepted.job_id, who)
     response.headers.update(location)
     job = await run_in_threadpool(_load, svc, accepted.job_id, who)
     await run_in_threadpool(
         intake.remember_response, svc, caller, accepted.job_id, job.model_dump(mode="json")
     )
+    if wait is not None and not job.status.terminal:
+        return await _load_waiting(request, svc, accepted.job_id, who, wait)
     return job
 
 
@@ -220,11 +288,28 @@ async def create_job(
     "/{job_id}",
     response_model=JobOut,
     summary="Get a job",
-    description="Status, Wiro's own status, the timeline, outputs with presigned URLs, error.",
-    responses=responses(401, 404, 422),
+    description=(
+        "Status, Wiro's own status, the timeline, outputs with presigned URLs, error. With "
+        "`Prefer: wait=N` (as Replicate) the answer is held up to N ≤ 60 seconds until the "
+        "job is terminal, then the job is answered as it is."
+    ),
+    responses={
+        200: {"description": "The job", "headers": PREFERENCE_APPLIED},
+        **responses(401, 404, 422),
+    },
 )
-def get_job(job_id: uuid.UUID, svc: ServicesDep, who: PrincipalDep) -> JobOut:
-    return _load(svc, job_id, who)
+async def get_job(
+    job_id: uuid.UUID,
+    request: Request,
+    response: Response,
+    svc: ServicesDep,
+    who: PrincipalDep,
+    prefer: Annotated[str | None, PREFER_HEADER] = None,
+) -> JobOut:
+    wait = _prefer_wait(request, response)
+    if wait is None:
+        return await run_in_threadpool(_load, svc, job_id, who)
+    return await _load_waiting(request, svc, job_id, who, wait)
 
 
 @router.get(
@@ -263,7 +348,7 @@ def list_jobs(
     ),
     responses={
         202: {"model": JobOut, "description": "Cancel requested at Wiro"},
-        **responses(404, 409),
+        **responses(401, 404, 409),
     },
 )
 def cancel_job(
@@ -278,3 +363,46 @@ def cancel_job(
         raise ProblemError(409, "job_not_cancelable", str(exc)) from exc
     response.status_code = 200 if done else 202
     return _load(svc, job_id, who)
+
+
+def _output_url(svc: Services, job_id: uuid.UUID, position: int, who: Principal) -> str:
+    with transaction(svc.sessions) as s:
+        owner = s.execute(select(Job.owner).where(Job.id == job_id)).scalar_one_or_none()
+        if owner is None or (owner != who.owner and not who.is_admin):
+            raise ProblemError(404, "job_not_found", f"no job {job_id}")
+        key = s.execute(
+            select(JobOutput.s3_key).where(
+                JobOutput.job_id == job_id, JobOutput.position == position
+            )
+        ).scalar_one_or_none()
+    if key is None:
+        raise ProblemError(404, "output_not_found", f"job {job_id} has no output {position}")
+    return svc.storage.presigned_get(key, ttl_s=svc.settings.presign_ttl_s)
+
+
+@router.get(
+    "/{job_id}/outputs/{n}",
+    status_code=status.HTTP_307_TEMPORARY_REDIRECT,
+    response_class=RedirectResponse,
+    summary="Download an output",
+    description=(
+        "Redirects (307) to a fresh presigned S3 URL of output `n` (0-based, as `position` "
+        "in the job's `outputs`), valid for PRESIGN_TTL_S seconds. The link itself does not "
+        "expire: outputs are kept for OUTPUT_RETENTION_DAYS (0: for good)."
+    ),
+    responses={
+        307: {
+            "description": "To the presigned URL",
+            "headers": {"Location": {"schema": {"type": "string", "format": "uri"}}},
+        },
+        **responses(401, 404, 422),
+    },
+)
+async def get_output(
+    job_id: uuid.UUID,
+    n: Annotated[int, Path(ge=0, le=1000)],
+    svc: ServicesDep,
+    who: PrincipalDep,
+) -> RedirectResponse:
+    url = await run_in_threadpool(_output_url, svc, job_id, n, who)
+    return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})

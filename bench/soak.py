@@ -1,0 +1,169 @@
+"""Soak: many jobs through the whole stack while Wiro drops, repeats and refuses.
+
+    make soak                       # 2,000 jobs at concurrency 50
+    .venv/bin/python -m bench.soak --jobs 200 --concurrency 20
+
+Prints one table (accepted, succeeded, failed, canceled, lost, extra Wiro tasks, ...) and
+writes it as JSON to bench/results/soak.json. ``lost`` and ``extra_wiro_tasks`` must be 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "samples" / "dreamomni2-input-1.jpg"
+TERMINAL = {"succeeded", "failed", "canceled"}
+FAULTS = {"drop_callbacks": 0.2, "repeat_callback_rate": 0.1, "run_fail_rate": 0.1}
+SOAK_SETTINGS = {"CALLBACK_GRACE_S": "2", "SWEEP_INTERVAL_S": "0.5", "STUCK_AFTER_S": "10"}
+
+
+def run_soak(
+    api: httpx.Client,
+    sim: httpx.Client,
+    *,
+    jobs: int,
+    concurrency: int,
+    timeout: float = 600.0,
+    faults: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Submit ``jobs`` jobs ``concurrency`` at a time, wait for all, and count outcomes."""
+    sim.put("/_sim/config", json={"task_duration_s": 0.2, **(faults or FAULTS)}).raise_for_status()
+    image = SAMPLE.read_bytes()
+
+    def submit(n: int) -> str | None:
+        r = api.post(
+            "/v1/jobs",
+            files=[("images", ("in.jpg", image, "image/jpeg"))],
+            data={"prompt": f"soak {n}"},
+            headers={"Idempotency-Key": f"soak-{n}"},
+        )
+        return str(r.json()["id"]) if r.status_code == 202 else None
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        ids = [i for i in pool.map(submit, range(jobs)) if i]
+    submitted_s = time.monotonic() - started
+
+    deadline = time.monotonic() + timeout
+    status: dict[str, str] = {}
+    pending = set(ids)
+
+    def poll(job_id: str) -> tuple[str, str]:
+        r = api.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=5"})
+        return job_id, str(r.json().get("status", "unknown"))
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        while pending and time.monotonic() < deadline:
+            for job_id, state in pool.map(poll, list(pending)):
+                status[job_id] = state
+                if state in TERMINAL:
+                    pending.discard(job_id)
+    elapsed = time.monotonic() - started
+
+    counts = Counter(status[i] for i in ids)
+    stats = sim.get("/_sim/stats").json()
+    per_job = stats["tasks_by_callback"]
+    tasks = [per_job.get(f"/v1/wiro/callbacks/{i}", 0) for i in ids]
+    return {
+        "jobs_requested": jobs,
+        "concurrency": concurrency,
+        "accepted": len(ids),
+        "succeeded": counts["succeeded"],
+        "failed": counts["failed"],
+        "canceled": counts["canceled"],
+        "lost": len(pending),
+        "extra_wiro_tasks": sum(max(0, n - 1) for n in tasks),
+        "jobs_without_a_wiro_task": sum(1 for n in tasks if n == 0),
+        "runs_refused_by_wiro": stats["run_calls"] - stats["tasks_created"],
+        "callbacks_dropped": stats["callbacks_dropped"],
+        "callbacks_sent": stats["callbacks_sent"],
+        "submit_seconds": round(submitted_s, 1),
+        "total_seconds": round(elapsed, 1),
+        "faults": faults or FAULTS,
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """The soak's figures, one per line."""
+    width = max(len(k) for k in result)
+    print("soak results")
+    for key, value in result.items():
+        print(f"  {key:<{width}}  {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start a stack of its own, soak it, print and save the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args(argv)
+
+    import psycopg
+
+    from service import auth
+    from service.db import make_engine, make_sessionmaker, transaction
+    from service.embedded import free_port, port_open
+    from service.stack import Ports, Stack
+
+    work = Path(tempfile.mkdtemp(prefix="dreamgate-soak-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WIRO", "S3_", "AWS_"))}
+    env.update(SOAK_SETTINGS)
+    admin = None
+    if not env.get("DATABASE_URL") and port_open(5432):
+        admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+        name = f"dreamgate_soak_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    ports = Ports(
+        api=free_port(), sim=free_port(), postgres=free_port(), redis=free_port(), s3=free_port()
+    )
+    env.pop("REDIS_URL", None)  # a Redis of its own: the soak floods the queue
+    stack = Stack(work, ports=ports, env=env, worker_concurrency=8)
+    try:
+        stack.start()
+        engine = make_engine(stack.env["DATABASE_URL"])
+        with transaction(make_sessionmaker(engine)) as s:
+            key = auth.create_key(s, owner="soak").key
+        engine.dispose()
+        headers = {"Authorization": f"Bearer {key}"}
+        with (
+            httpx.Client(
+                base_url=f"http://127.0.0.1:{ports.api}", headers=headers, timeout=60
+            ) as api,
+            httpx.Client(base_url=f"http://127.0.0.1:{ports.sim}", timeout=60) as sim,
+        ):
+            result = run_soak(
+                api, sim, jobs=args.jobs, concurrency=args.concurrency, timeout=args.timeout
+            )
+    finally:
+        stack.stop()
+        if admin:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(result)
+    out = ROOT / "bench" / "results" / "soak.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    ok = result["lost"] == 0 and result["extra_wiro_tasks"] == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""Outgoing client webhooks, signed per Standard Webhooks (webhook-id/-timestamp/-signature).
+
+Life of a webhook:
+
+1. A job transition to running/succeeded/failed/canceled commits; the caller sends
+   ``webhook_dispatch(event_id)`` (``announce``). The sweep re-sends it for any such event
+   left without a message (a lost send).
+2. ``dispatch`` inserts one ``webhook_messages`` row per job event, ``ON CONFLICT
+   (job_event_id) DO NOTHING``: however often an event is dispatched, it makes one message,
+   with one ``msg_id`` (the ``webhook-id`` of every attempt) and one frozen body.
+3. ``deliver`` claims a due attempt with one guarded UPDATE (pending, due; bumps
+   ``attempts`` and pushes ``next_attempt_at`` out by a lease), so a redelivered or
+   duplicated Celery message finds nothing to do. It checks the URL against the SSRF guard,
+   signs, POSTs (no redirects; 2xx is success), records the attempt in
+   ``webhook_deliveries`` and schedules the next one per ``WEBHOOK_RETRY_SCHEDULE_S``
+   (a longer ``Retry-After`` on 429/503 wins), or marks the message delivered or failed.
+   A worker that dies mid-attempt leaves the lease to expire; the sweep re-sends it.
+
+Delivery is at least once per event id: a receiver may see the same ``webhook-id`` twice
+(a worker killed after the receiver answered, before the attempt was recorded) and should
+de-duplicate on it, as the spec says.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import structlog
+from sqlalchemy import String, cast, func, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+from standardwebhooks import Webhook
+
+from service import jobs, ssrf
+from service.container import Services
+from service.db import transaction
+from service.models import ApiKey, Job, JobEvent, JobStatus, WebhookDelivery, WebhookMessage
+from service.views import job_out
+
+log = structlog.get_logger(__name__)
+
+EVENT_TYPES: dict[str, str] = {
+    JobStatus.running: "job.running",
+    JobStatus.succeeded: "job.succeeded",
+    JobStatus.failed: "job.failed",
+    JobStatus.canceled: "job.canceled",
+}
+# Waits longer than this are not given to the broker as a countdown (Redis would hold the
+# message for hours, past its expiry and visibility timeout): the sweep sends them when due.
+LONGEST_COUNTDOWN_S = 600.0
+RETRY_AFTER_CAP_S = 24 * 3600.0
+EXCERPT_BYTES = 1024
+# How long a claimed attempt may take before the sweep may start it again.
+LEASE_MARGIN_S = 60.0
+USER_AGENT = "dreamgate-webhooks/0.1"
+
+
+# -- dispatch ----------------------------------------------------------------------------
+
+
+def announce(svc: Services, moved: jobs.Moved | None) -> None:
+    """After the commit of a transition: ask for its webhook if it is one clients hear of."""
+    if moved is None or moved.to_status not in EVENT_TYPES:
+        return
+    try:
+        svc.queue.webhook_dispatch(moved.event_id)
+    except Exception as exc:  # the event is safe in PostgreSQL; the sweep dispatches it
+        log.warning("webhook_dispatch_send_failed", event_id=moved.event_id, error=str(exc))
+
+
+def dispatch(svc: Services, job_event_id: int) -> uuid.UUID | None:
+    """Make the webhook message of a job event, once; returns it when made by this call."""
+    with transaction(svc.sessions) as s:
+        event = s.get(JobEvent, job_event_id)
+        if event is None or event.kind != "transition" or event.to_status not in EVENT_TYPES:
+            return None
+        event_type = EVENT_TYPES[event.to_status]
+        job = jobs.get(s, event.job_id)
+        if job is None or not job.webhook_url:
+            return None
+        if job.webhook_events is not None and event_type not in job.webhook_events:
+            return None
+        message_id = uuid.uuid4()
+        delay = svc.settings.webhook_schedule[0]
+        inserted = s.execute(
+            pg_insert(WebhookMessage)
+            .values(
+                id=message_id,
+                msg_id=f"msg_{message_id.hex}",
+                job_id=job.id,
+                job_event_id=event.id,
+                event_type=event_type,
+                url=job.webhook_url,
+                body=render_body(svc, job, event_type, event.at),
+                status="pending",
+                attempts=0,
+                next_attempt_at=func.now() + timedelta(seconds=delay),
+            )
+            .on_conflict_do_nothing(index_elements=["job_event_id"])
+            .returning(WebhookMessage.id)
+        ).scalar_one_or_none()
+    if inserted is None:
+        return None
+    _schedule(svc, inserted, delay)
+    return inserted
+
+
+def render_body(svc: Services, job: Job, event_type: str, at: datetime) -> str:
+    """The JSON body: event type, the event's time, and the job as GET /v1/jobs/{id} shows it."""
+    data = job_out(job, svc.storage, svc.settings.presign_ttl_s, full=True)
+    payload = {
+        "type": event_type,
+        "timestamp": at.astimezone(UTC).isoformat(),
+        "data": data.model_dump(mode="json", by_alias=True),
+    }
+    return json.dumps(payload, separators=(",", ":"))
+
+
+def _schedule(svc: Services, message_id: uuid.UUID, delay: float) -> None:
+    if delay > LONGEST_COUNTDOWN_S:
+        return  # the sweep sends it once due
+    try:
+        svc.queue.webhook_deliver(message_id, countdown=delay or None)
+    except Exception as exc:  # the sweep re-sends due messages
+        log.warning("webhook_deliver_send_failed", message_id=str(message_id), error=str(exc))
+
+
+# -- deliver -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What one POST did."""
+
+    status_code: int | None = None
+    latency_ms: int | None = None
+    error: str | None = None
+    excerpt: str | None = None
+    retry_after_s: float | None = None
+    # No point in trying again (the URL is refused, the key is gone).
+    permanent: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """2xx and nothing else counts as delivered."""
+        return self.error is None and self.status_code is not None and 200 <= self.status_code < 300
+
+
+def deliver(svc: Services, message_id: uuid.UUID) -> AttemptResult | None:
+    """Make one attempt of a message if it is pending and due; None when there was none."""
+    cfg = svc.settings
+    schedule = cfg.webhook_schedule
+    lease = cfg.webhook_timeout_s + LEASE_MARGIN_S
+    with transaction(svc.sessions) as s:
+        claimed = s.execute(
+            update(WebhookMessage)
+            .where(
+                WebhookMessage.id == message_id,
+                WebhookMessage.status == "pending",
+                # A second of slack for a countdown that fires a little before the row's time.
+                WebhookMessage.next_attempt_at <= func.now() + timedelta(seconds=1),
+            )
+            .values(
+                attempts=WebhookMessage.attempts + 1,
+                next_attempt_at=func.now() + timedelta(seconds=lease),
+            )
+            .returning(
+                WebhookMessage.attempts,
+                WebhookMessage.msg_id,
+                WebhookMessage.url,
+                WebhookMessage.body,
+                WebhookMessage.job_id,
+            )
+        ).one_or_none()
+    if claimed is None:
+        return None
+    with transaction(svc.sessions) as s:  # apart from the claim: one table locked at a time
+        secret = s.execute(
+            select(ApiKey.webhook_secret)
+            .join(Job, Job.api_key_id == ApiKey.id)
+            .where(Job.id == claimed.job_id)
+        ).scalar_one_or_none()
+    attempt = claimed.attempts
+    bound = log.bind(message_id=str(message_id), msg_id=claimed.msg_id, attempt=attempt)
+    if attempt > len(schedule):
+        result = AttemptResult(error="no attempts left", permanent=True)
+    elif secret is None:
+        result = AttemptResult(
+            error="the job's API key is gone: nothing to sign with", permanent=True
+        )
+    else:
+        result = post(
+            claimed.url,
+            claimed.body,
+            msg_id=claimed.msg_id,
+            secret=secret,
+            allow=ssrf.AllowList.parse(cfg.webhook_allow_list),
+            timeout_s=cfg.webhook_timeout_s,
+        )
+    delay = _next_delay(schedule, attempt, result)
+    with transaction(svc.sessions) as s:
+        s.execute(
+            pg_insert(WebhookDelivery).values(
+                message_id=message_id,
+                attempt=attempt,
+                status_code=result.status_code,
+                latency_ms=result.latency_ms,
+                error=result.error,
+                response_excerpt=result.excerpt,
+            )
+        )
+        if result.ok:
+            values: dict[str, object] = {"status": "delivered", "next_attempt_at": None}
+        elif delay is None:
+            values = {"status": "failed", "next_attempt_at": None}
+        else:
+            values = {"next_attempt_at": func.now() + timedelta(seconds=delay)}
+        s.execute(
+            update(WebhookMessage)
+            .where(
+                WebhookMessage.id == message_id,
+                WebhookMessage.status == "pending",
+                WebhookMessage.attempts == attempt,
+            )
+            .values(**values)
+        )
+    bound.info(
+        "webhook_attempt",
+        status_code=result.status_code,
+        ok=result.ok,
+        error=result.error,
+        next_in_s=None if result.ok else delay,
+    )
+    if not result.ok and delay is not None:
+        _schedule(svc, message_id, delay)
+    return result
+
+
+def _next_delay(schedule: tuple[float, ...], attempt: int, result: AttemptResult) -> float | None:
+    """Seconds until the next attempt after a failed one, or None when there is none."""
+    if result.ok or result.permanent or attempt >= len(schedule):
+        return None
+    delay = schedule[attempt]
+    if result.retry_after_s is not None:
+        delay = max(delay, min(result.retry_after_s, RETRY_AFTER_CAP_S))
+    return delay
+
+
+def post(
+    url: str,
+    body: str,
+    *,
+    msg_id: str,
+    secret: str,
+    allow: ssrf.AllowList,
+    timeout_s: float,
+    now: datetime | None = None,
+) -> AttemptResult:
+    """One signed POST to the address the URL was checked against; never raises."""
+    try:
+        checked = ssrf.check_url(url, allow)
+    except ssrf.UrlRefused as exc:
+        return AttemptResult(error=f"url_not_allowed: {exc.reason}", permanent=True)
+    except OSError as exc:
+        return AttemptResult(error=f"resolve failed: {exc}")
+    target, headers, extensions = checked.pinned()
+    stamp = now or datetime.now(UTC)
+    headers.update(
+        {
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(int(stamp.timestamp())),
+            "webhook-signature": Webhook(secret).sign(msg_id, stamp, body),
+        }
+    )
+    started = time.monotonic()
+    latency: int | None = None
+    try:
+        with (
+            httpx.Client(
+                timeout=httpx.Timeout(timeout_s),
+                follow_redirects=False,
+                trust_env=False,  # an environment proxy would resolve the name again
+            ) as client,
+            client.stream(
+                "POST", target, content=body.encode(), headers=headers, extensions=extensions
+            ) as response,
+        ):
+            latency = int((time.monotonic() - started) * 1000)
+            excerpt = _excerpt(response, deadline=started + timeout_s)
+    except httpx.HTTPError as exc:
+        return AttemptResult(
+            latency_ms=latency or int((time.monotonic() - started) * 1000),
+            error=f"{type(exc).__name__}: {exc}"[:500],
+        )
+    code = response.status_code
+    error = None
+    if 300 <= code < 400:
+        location = response.headers.get("location", "")[:200]
+        error = f"redirect not followed (Location: {location})"
+    retry_after = _retry_after(response) if code in (429, 503) else None
+    return AttemptResult(
+        status_code=code,
+        latency_ms=latency,
+        error=error,
+        excerpt=excerpt,
+        retry_after_s=retry_after,
+    )
+
+
+def _excerpt(response: httpx.Response, *, deadline: float) -> str:
+    """The first KiB of the response body, read within the attempt's time."""
+    chunks = bytearray()
+    for chunk in response.iter_raw(EXCERPT_BYTES):
+        chunks += chunk
+        if len(chunks) >= EXCERPT_BYTES or time.monotonic() > deadline:
+            break
+    return bytes(chunks[:EXCERPT_BYTES]).decode("utf-8", errors="replace")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds (delta-seconds or an HTTP date), when given and sane."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+# -- repairs (the sweep) -----------------------------------------------------------------
+
+
+def undispatched_events(
+    session: Session, *, older_than: timedelta, within: timedelta, batch: int
+) -> list[int]:
+    """Job events a client wants a webhook for that have no message yet (a lost dispatch)."""
+    now = func.now()
+    event_type = literal("job.", String) + JobEvent.to_status
+    rows = session.execute(
+        select(JobEvent.id)
+        .select_from(Job)  # jobs first: the order in which TRUNCATE ... CASCADE locks them
+        .join(JobEvent, JobEvent.job_id == Job.id)
+        .outerjoin(WebhookMessage, WebhookMessage.job_event_id == JobEvent.id)
+        .where(
+            JobEvent.kind == "transition",
+            JobEvent.to_status.in_([str(s) for s in EVENT_TYPES]),
+            JobEvent.at < now - older_than,
+            JobEvent.at > now - within,
+            Job.webhook_url.is_not(None),
+            WebhookMessage.id.is_(None),
+            or_(
+                Job.webhook_events.is_(None),
+                func.jsonb_typeof(Job.webhook_events) == "null",
+                Job.webhook_events.contains(func.jsonb_build_array(cast(event_type, String))),
+            ),
+        )
+        .order_by(JobEvent.id)
+        .limit(batch)
+    )
+    return list(rows.scalars())
+
+
+def claim_late(session: Session, *, older_than: timedelta, batch: int) -> list[uuid.UUID]:
+    """Pending messages well past their time (lost countdown, dead worker); marks them due now.
+
+    Setting ``next_attempt_at`` to now makes the next sweep leave them alone for
+    ``older_than`` while the re-sent message is on its way.
+    """
+    now = func.now()
+    late = (
+        select(WebhookMessage.id)
+        .where(
+            WebhookMessage.status == "pending", WebhookMessage.next_attempt_at < now - older_than
+        )
+        .order_by(WebhookMessage.next_attempt_at)
+        .limit(batch)
+        .with_for_update(skip_locked=True)
+        .cte("late")
+    )
+    claimed = session.execute(
+        update(WebhookMessage)
+        .where(WebhookMessage.id == late.c.id)
+        .values(next_attempt_at=now)
+        .returning(WebhookMessage.id)
+    )
+    return list(claimed.scalars())
