@@ -43,6 +43,11 @@ openapi: install
 soak: install
 	$(PY) -m bench.soak --jobs 2000 --concurrency 50
 
+## Six benchmarks on one stack, each against a floor measured in the same run (docs/PERFORMANCE.md).
+## BENCH_ARGS=--quick only checks they run; BENCH_ARGS="--only submit" runs one.
+bench: install
+	$(PY) -m bench $(BENCH_ARGS)
+
 migrate: install
 	$(VENV)/bin/dreamgate migrate
 

@@ -15,10 +15,12 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,45 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "dreamomni2-input-1.jpg"
 TERMINAL = {"succeeded", "failed", "canceled"}
 FAULTS = {"drop_callbacks": 0.2, "repeat_callback_rate": 0.1, "run_fail_rate": 0.1}
-SOAK_SETTINGS = {"CALLBACK_GRACE_S": "2", "SWEEP_INTERVAL_S": "0.5", "STUCK_AFTER_S": "10"}
+SOAK_SETTINGS = {
+    "CALLBACK_GRACE_S": "2",
+    "SWEEP_INTERVAL_S": "0.5",
+    "STUCK_AFTER_S": "10",
+    "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+    # Svix's schedule waits minutes after the second failure; keep a soak short.
+    "WEBHOOK_RETRY_SCHEDULE_S": "0,1,5,15,30,60",
+}
+
+
+class WebhookCounter:
+    """A client's webhook endpoint on 127.0.0.1 that counts deliveries per webhook-id."""
+
+    def __init__(self) -> None:
+        self.seen: Counter[str] = Counter()
+        lock = threading.Lock()
+        counter = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                with lock:
+                    counter.seen[self.headers.get("webhook-id", "")] += 1
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+NOTIFIED = {"running", "succeeded", "failed", "canceled"}
 
 
 def run_soak(
@@ -43,12 +83,13 @@ def run_soak(
     """Submit ``jobs`` jobs ``concurrency`` at a time, wait for all, and count outcomes."""
     sim.put("/_sim/config", json={"task_duration_s": 0.2, **(faults or FAULTS)}).raise_for_status()
     image = SAMPLE.read_bytes()
+    hooks = WebhookCounter()
 
     def submit(n: int) -> str | None:
         r = api.post(
             "/v1/jobs",
             files=[("images", ("in.jpg", image, "image/jpeg"))],
-            data={"prompt": f"soak {n}"},
+            data={"prompt": f"soak {n}", "webhook_url": hooks.url},
             headers={"Idempotency-Key": f"soak-{n}"},
         )
         return str(r.json()["id"]) if r.status_code == 202 else None
@@ -74,6 +115,18 @@ def run_soak(
                     pending.discard(job_id)
     elapsed = time.monotonic() - started
 
+    # Every transition a client is told about, from each job's own timeline.
+    def notifiable(job_id: str) -> int:
+        timeline = api.get(f"/v1/jobs/{job_id}").json()["timeline"]
+        return sum(1 for e in timeline if e["kind"] == "transition" and e["to"] in NOTIFIED)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        expected_hooks = sum(pool.map(notifiable, ids))
+    hook_deadline = time.monotonic() + 300
+    while len(hooks.seen) < expected_hooks and time.monotonic() < hook_deadline:
+        time.sleep(0.2)
+    hooks.close()
+
     counts = Counter(status[i] for i in ids)
     stats = sim.get("/_sim/stats").json()
     per_job = stats["tasks_by_callback"]
@@ -91,6 +144,10 @@ def run_soak(
         "runs_refused_by_wiro": stats["run_calls"] - stats["tasks_created"],
         "callbacks_dropped": stats["callbacks_dropped"],
         "callbacks_sent": stats["callbacks_sent"],
+        "webhooks_expected": expected_hooks,
+        "webhooks_delivered": len(hooks.seen),
+        "webhooks_delivered_twice": sum(1 for n in hooks.seen.values() if n > 1),
+        "webhooks_settled_seconds": round(time.monotonic() - started - elapsed, 1),
         "submit_seconds": round(submitted_s, 1),
         "total_seconds": round(elapsed, 1),
         "faults": faults or FAULTS,

@@ -73,7 +73,8 @@ def serve(host: str, port: int, workers: int) -> None:
 
     from service.logs import configure_logging
 
-    configure_logging(get_settings().log_level)
+    settings = get_settings()
+    configure_logging(settings.log_level, secrets=settings.secret_values())
     uvicorn.run(
         "service.api.app:create_app",
         factory=True,

@@ -72,7 +72,7 @@ class Submission:
                 images.append(["url", image])
             else:
                 image.file.seek(0)
-                digest = hashlib.file_digest(image.file, "sha256")  # type: ignore[arg-type]
+                digest = hashlib.file_digest(image.file, "sha256")  # type: ignore[arg-type]  # SpooledTemporaryFile is a binary file
                 image.file.seek(0)
                 images.append(["file", digest.hexdigest()])
         canonical = json.dumps(

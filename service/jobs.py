@@ -23,14 +23,19 @@ from sqlalchemy import String, cast, func, insert, literal, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, selectinload
 
+from service import metrics
 from service.models import ACTIVE, TERMINAL, Job, JobEvent, JobInput, JobStatus
 
 S = JobStatus
 
 # Who may move a job where. A transition not listed here is a bug, not a race.
+# failed -> queued is the one way out of a terminal state, and only an admin takes it
+# (POST /v1/admin/jobs/{id}/retry, pipeline.retry): a new attempt of the same job, its
+# timeline kept. No worker, callback or sweep ever moves a job out of failed.
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     S.submitting: frozenset({S.queued}),
-    S.queued: frozenset({S.submitting}),  # Run certainly refused, or never sent
+    # Run certainly refused, or never sent; or an admin's retry of a failed job.
+    S.queued: frozenset({S.submitting, S.failed}),
     S.running: frozenset({S.submitting}),
     S.finalizing: frozenset({S.running, S.submitting}),
     S.succeeded: frozenset({S.finalizing}),
@@ -173,6 +178,7 @@ def transition(
     row = session.execute(event).one_or_none()
     if row is None:
         return None
+    metrics.TRANSITIONS.labels(row.from_status, str(to)).inc()
     return Moved(
         from_status=JobStatus(row.from_status), to_status=to, event_id=row.id, job_id=job_id
     )
@@ -247,17 +253,17 @@ def page(
 
 
 def due_polls(session: Session, *, grace: timedelta, batch: int) -> list[uuid.UUID]:
-    """Claim running jobs silent for longer than ``grace``; push their next poll out."""
+    """Claim running jobs whose next poll is due; push their next poll out.
+
+    News from Wiro (Run, callback, poll) sets ``next_poll_at`` a grace period ahead, so a
+    due poll means a job silent for that long; the partial index on ``next_poll_at`` of
+    running jobs makes this an index range scan however many jobs run.
+    """
     now = func.now()
     due = (
         select(Job.id)
-        .where(
-            Job.status == S.running,
-            Job.wiro_taskid.is_not(None),
-            func.coalesce(Job.last_news_at, Job.updated_at) < now - grace,
-            func.coalesce(Job.next_poll_at, now) <= now,
-        )
-        .order_by(Job.next_poll_at.asc().nulls_first())
+        .where(Job.status == S.running, Job.next_poll_at <= now)
+        .order_by(Job.next_poll_at)
         .limit(batch)
         .with_for_update(skip_locked=True)
         .cte("due")

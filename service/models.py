@@ -158,6 +158,11 @@ class Job(Base):
             name="valid",
         ),
         Index("ix_jobs_created_at_id", "created_at", "id"),
+        Index(
+            "ix_jobs_running_next_poll",
+            "next_poll_at",
+            postgresql_where=text("status = 'running'"),
+        ),
         Index("ix_jobs_owner_created_at_id", "owner", "created_at", "id"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index(

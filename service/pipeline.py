@@ -18,10 +18,10 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
-from sqlalchemy import func
+from sqlalchemy import delete, func
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from service import jobs, webhooks
+from service import jobs, metrics, webhooks
 from service.container import Services
 from service.db import transaction
 from service.models import Job, JobOutput
@@ -41,6 +41,11 @@ from service.wiro import (
 log = structlog.get_logger(__name__)
 
 CALLBACK_PATH = "/v1/wiro/callbacks/{job_id}"
+
+
+def _first_poll(svc: Services) -> Any:
+    """When the sweep should first ask Wiro about a job that just had news."""
+    return func.now() + timedelta(seconds=svc.settings.callback_grace_s)
 
 
 def callback_url(public_url: str, job_id: uuid.UUID, token: str) -> str:
@@ -68,6 +73,9 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
             detail={"attempt": attempt},
             callback_token_hash=token_hash,
             run_sent_at=None,
+            # The sweep's clock for "claimed but the Run never left" starts at the claim, not
+            # at the enqueue: a job that waited in the queue is not lost the moment it starts.
+            enqueued_at=func.now(),
         )
         job = jobs.get(s, job_id) if moved else None
     if job is None:
@@ -109,6 +117,7 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
             wiro_socket_token=accepted.socket_token,
             wiro_status="task_queue",
             last_news_at=func.now(),
+            next_poll_at=_first_poll(svc),
         )
         current = jobs.get(s, job_id, full=False)
     webhooks.announce(svc, moved)
@@ -157,18 +166,88 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
         webhooks.announce(svc, failed)
         return
     with transaction(svc.sessions) as s:
-        delay = exc.retry_after if exc.retry_after is not None else backoff_s(attempt)
-        moved = jobs.transition(
-            s,
-            job.id,
-            S.queued,
-            from_=[S.submitting],
-            detail={**exc.as_detail(), "delay": delay},
-            run_sent_at=None,
-            enqueued_at=func.now() + timedelta(seconds=delay),
-        )
+        current = jobs.get(s, job.id, full=False)
+        if current is not None and current.cancel_requested_at is not None:
+            # Canceled while the Run was refused: Wiro has nothing, so cancel here.
+            canceled = jobs.transition(
+                s, job.id, S.canceled, from_=[S.submitting], detail={"by": "client"}
+            )
+            moved = None
+        else:
+            canceled = None
+            delay = exc.retry_after if exc.retry_after is not None else backoff_s(attempt)
+            moved = jobs.transition(
+                s,
+                job.id,
+                S.queued,
+                from_=[S.submitting],
+                detail={**exc.as_detail(), "delay": delay},
+                run_sent_at=None,
+                enqueued_at=func.now() + timedelta(seconds=delay),
+            )
+    webhooks.announce(svc, canceled)
     if moved:
         svc.queue.submit(job.id, countdown=delay, attempt=attempt + 1)
+
+
+class NotRetryable(Exception):
+    """Only a failed job may be retried."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(f"a {status} job cannot be retried; only a failed one can")
+        self.status = status
+
+
+def retry(svc: Services, job_id: uuid.UUID) -> int:
+    """An admin's retry: a failed job queued again as a new attempt; returns its number.
+
+    The timeline is kept; the failed attempt's Wiro task id, error and cost are written
+    into the retry event's detail before the job's Wiro fields are cleared, so that the new
+    attempt gets a task of its own. Raises LookupError or NotRetryable.
+    """
+    with transaction(svc.sessions) as s:
+        job = jobs.get(s, job_id, full=True)
+        if job is None:
+            raise LookupError(job_id)
+        if job.status != S.failed:
+            raise NotRetryable(job.status)
+        attempt = 1 + sum(
+            1 for e in job.events if e.from_status == S.failed and e.to_status == S.queued
+        )
+        moved = jobs.transition(
+            s,
+            job_id,
+            S.queued,
+            from_=[S.failed],
+            detail={
+                "by": "admin",
+                "attempt": attempt,
+                "previous_taskid": job.wiro_taskid,
+                "previous_error": job.error_code,
+                "previous_cost": str(job.wiro_cost) if job.wiro_cost is not None else None,
+            },
+            error_code=None,
+            error_message=None,
+            wiro_taskid=None,
+            wiro_socket_token=None,
+            wiro_status=None,
+            wiro_outputs=None,
+            wiro_cost=None,
+            callback_token_hash=None,
+            run_sent_at=None,
+            last_news_at=None,
+            next_poll_at=None,
+            poll_count=0,
+            cancel_requested_at=None,
+            finished_at=None,
+            enqueued_at=func.now(),
+        )
+        if moved is None:  # someone retried it first
+            raise NotRetryable(S.queued)
+        # Outputs copied before the failure belonged to the old task.
+        s.execute(delete(JobOutput).where(JobOutput.job_id == job_id))
+    svc.queue.submit(job_id)
+    return attempt
 
 
 # -- reconcile ---------------------------------------------------------------------------
@@ -178,6 +257,8 @@ def reconcile(
     svc: Services, job_id: uuid.UUID, *, source: str, taskid_hint: str | None = None
 ) -> None:
     """Read the job's task from Task/Detail and act on it; the callback body is only a hint."""
+    if source == "callback":
+        metrics.CALLBACKS.inc()
     with transaction(svc.sessions) as s:
         job = jobs.get(s, job_id, full=False)
     if job is None or S(job.status).terminal:
@@ -216,6 +297,7 @@ def _adopt(svc: Services, job: Job, taskid: str, *, source: str) -> None:
             wiro_socket_token=task.socket_token,
             wiro_status=task.status,
             last_news_at=func.now(),
+            next_poll_at=_first_poll(svc),
         )
     webhooks.announce(svc, adopted)
     apply_task(svc, job.id, task, source=source)
@@ -239,7 +321,9 @@ def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str)
         common["wiro_cost"] = task.totalcost
     with transaction(svc.sessions) as s:
         if outcome is Outcome.running:
-            jobs.update_fields(s, job_id, when=[S.running], **common)
+            # News puts the next poll at least a grace period away (keeping any backoff).
+            later = func.greatest(Job.next_poll_at, _first_poll(svc))
+            jobs.update_fields(s, job_id, when=[S.running], next_poll_at=later, **common)
             return
         if outcome is Outcome.succeeded:
             moved = jobs.transition(
@@ -266,6 +350,8 @@ def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str)
             moved = jobs.transition(
                 s, job_id, S.canceled, from_=[S.running], detail=detail, **common
             )
+    if moved:
+        metrics.COMPLETIONS.labels(source, str(outcome)).inc()
     if moved and outcome is Outcome.succeeded:
         svc.queue.finalize(job_id)
     webhooks.announce(svc, moved)

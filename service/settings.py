@@ -58,10 +58,13 @@ class Settings(BaseSettings):
     webhook_allow_hosts: str = ""
     webhook_timeout_s: float = Field(15.0, gt=0)
     # Seconds before each attempt, comma-separated: the first is the first attempt's delay;
-    # one attempt per entry (Svix's schedule: about 37 h in all).
+    # one attempt per entry (Svix's schedule: about 27.6 h in all).
     webhook_retry_schedule_s: str = "0,5,300,1800,7200,18000,36000,36000"
 
     log_level: str = "INFO"
+    # A worker serves its own /metrics on this port when set (0: off). Needed when workers
+    # do not share PROMETHEUS_MULTIPROC_DIR with a gateway (e.g. separate containers).
+    worker_metrics_port: int = Field(0, ge=0, le=65535)
 
     @field_validator("webhook_retry_schedule_s")
     @classmethod
@@ -80,6 +83,13 @@ class Settings(BaseSettings):
     def webhook_allow_list(self) -> tuple[str, ...]:
         """The entries of WEBHOOK_ALLOW_HOSTS."""
         return tuple(h.strip() for h in self.webhook_allow_hosts.split(",") if h.strip())
+
+    def secret_values(self) -> list[str]:
+        """Configured secrets, so the logs can scrub them wherever they appear."""
+        values = [self.wiro_api_key.get_secret_value()]
+        if self.wiro_api_secret:
+            values.append(self.wiro_api_secret.get_secret_value())
+        return [v for v in values if v]
 
     @property
     def wiro_signed(self) -> bool:

@@ -5,6 +5,7 @@ dev`` and by the end-to-end tests."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class Stack:
         """Embedded PostgreSQL, Redis and S3 for whichever URL is not configured."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = self.env
+        self.reset_metrics()
         if not env.get("DATABASE_URL"):
             self.postgres = EmbeddedPostgres(self.data_dir / "postgres", self.ports.postgres)
             self.postgres.start()
@@ -64,6 +66,14 @@ class Stack:
             env.setdefault("AWS_ACCESS_KEY_ID", "embedded")
             env.setdefault("AWS_SECRET_ACCESS_KEY", "embedded")
         env.setdefault("PUBLIC_URL", f"http://127.0.0.1:{self.ports.api}")
+
+    def reset_metrics(self) -> None:
+        """A fresh folder for prometheus_client's multiprocess files, shared by the gateway
+        and workers started here so that the gateway's /metrics adds them all up."""
+        folder = self.data_dir / "metrics"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        self.env["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 
     def _proc(self, name: str, args: list[str], port: int | None) -> ManagedProcess:
         argv = [sys.executable, "-m", "service.cli", *args]

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import structlog
 
-from service import jobs, webhooks
+from service import jobs, metrics, webhooks
 from service.container import Services
 from service.db import transaction
 from service.models import JobStatus as S
@@ -39,6 +39,7 @@ def sweep(svc: Services) -> SweepReport:
     grace = timedelta(seconds=cfg.callback_grace_s)
     stuck = timedelta(seconds=cfg.stuck_after_s)
     report = SweepReport()
+    metrics.SWEEPS.inc()
 
     with transaction(svc.sessions) as s:
         polls = jobs.due_polls(s, grace=grace, batch=cfg.sweep_batch)

@@ -37,7 +37,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
-from service import jobs, ssrf
+from service import jobs, metrics, ssrf
 from service.container import Services
 from service.db import transaction
 from service.models import ApiKey, Job, JobEvent, JobStatus, WebhookDelivery, WebhookMessage
@@ -152,7 +152,26 @@ class AttemptResult:
         return self.error is None and self.status_code is not None and 200 <= self.status_code < 300
 
 
-def deliver(svc: Services, message_id: uuid.UUID) -> AttemptResult | None:
+def replay(svc: Services, message_id: uuid.UUID) -> AttemptResult | None:
+    """An admin's replay: one more attempt of a message now, whatever its state.
+
+    The message goes back to pending and due; the attempt is made here (a new
+    ``webhook_deliveries`` row, the same ``webhook-id`` and body). A failed replay is not
+    retried unless the message still had scheduled attempts left. None: no such message.
+    """
+    with transaction(svc.sessions) as s:
+        found = s.execute(
+            update(WebhookMessage)
+            .where(WebhookMessage.id == message_id)
+            .values(status="pending", next_attempt_at=func.now())
+            .returning(WebhookMessage.id)
+        ).scalar_one_or_none()
+    if found is None:
+        return None
+    return deliver(svc, message_id, replay=True)
+
+
+def deliver(svc: Services, message_id: uuid.UUID, *, replay: bool = False) -> AttemptResult | None:
     """Make one attempt of a message if it is pending and due; None when there was none."""
     cfg = svc.settings
     schedule = cfg.webhook_schedule
@@ -188,7 +207,7 @@ def deliver(svc: Services, message_id: uuid.UUID) -> AttemptResult | None:
         ).scalar_one_or_none()
     attempt = claimed.attempts
     bound = log.bind(message_id=str(message_id), msg_id=claimed.msg_id, attempt=attempt)
-    if attempt > len(schedule):
+    if attempt > len(schedule) and not replay:
         result = AttemptResult(error="no attempts left", permanent=True)
     elif secret is None:
         result = AttemptResult(
@@ -230,6 +249,9 @@ def deliver(svc: Services, message_id: uuid.UUID) -> AttemptResult | None:
             )
             .values(**values)
         )
+    metrics.WEBHOOK_DELIVERIES.labels(
+        "delivered" if result.ok else ("failed" if delay is None else "retry")
+    ).inc()
     bound.info(
         "webhook_attempt",
         status_code=result.status_code,

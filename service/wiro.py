@@ -33,6 +33,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from service import metrics
+
 RUNNING_STATUSES = frozenset(
     {
         "task_queue",
@@ -306,17 +308,24 @@ class WiroClient:
         ]
         if callback_url:
             parts.append(("callbackUrl", (None, callback_url)))
-        try:
-            response = self._http.post(f"Run/{self._model}", files=parts, headers=self.headers())
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            # The connection never opened, so nothing reached Wiro.
-            raise WiroRefused(f"could not connect to Wiro: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise WiroUncertain(f"Run failed after sending: {type(exc).__name__}: {exc}") from exc
-        body = self._check(response, certain_statuses=frozenset({429, 503}))
-        taskid = body.get("taskid")
-        if not taskid:
-            raise WiroUncertain("Run answered without a taskid", http_status=response.status_code)
+        with metrics.timed_wiro("Run"):
+            try:
+                response = self._http.post(
+                    f"Run/{self._model}", files=parts, headers=self.headers()
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # The connection never opened, so nothing reached Wiro.
+                raise WiroRefused(f"could not connect to Wiro: {exc}") from exc
+            except httpx.TransportError as exc:
+                raise WiroUncertain(
+                    f"Run failed after sending: {type(exc).__name__}: {exc}"
+                ) from exc
+            body = self._check(response, certain_statuses=frozenset({429, 503}))
+            taskid = body.get("taskid")
+            if not taskid:
+                raise WiroUncertain(
+                    "Run answered without a taskid", http_status=response.status_code
+                )
         return RunAccepted(taskid=str(taskid), socket_token=body.get("socketaccesstoken"))
 
     # -- idempotent calls ----------------------------------------------------------------
@@ -356,13 +365,14 @@ class WiroClient:
     def _post_once(self, path: str, data: Mapping[str, str]) -> Mapping[str, Any]:
         # Wiro documents multipart/form-data for every call; send exactly that.
         files = [(k, (None, v)) for k, v in data.items()]
-        try:
-            response = self._http.post(path, files=files, headers=self.headers())
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise WiroRefused(f"could not connect to Wiro: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise WiroUncertain(f"{path} failed: {type(exc).__name__}: {exc}") from exc
-        return self._check(response, certain_statuses=frozenset({408, 429, 503}))
+        with metrics.timed_wiro(path):
+            try:
+                response = self._http.post(path, files=files, headers=self.headers())
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                raise WiroRefused(f"could not connect to Wiro: {exc}") from exc
+            except httpx.TransportError as exc:
+                raise WiroUncertain(f"{path} failed: {type(exc).__name__}: {exc}") from exc
+            return self._check(response, certain_statuses=frozenset({408, 429, 503}))
 
     # -- answers -------------------------------------------------------------------------
 

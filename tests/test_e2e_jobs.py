@@ -130,7 +130,8 @@ def test_repeated_callback_changes_nothing(api: httpx.Client, sim: httpx.Client)
 
     callback_url = sim.get("/_sim/tasks").json()[0]["callbackurl"]
     replay = httpx.post(callback_url, json=sim.get("/_sim/tasks").json()[0])
-    assert replay.status_code == 200
+    assert replay.status_code == 410  # a finished job's callback URL is spent
+    assert replay.json()["code"] == "callback_token_used"
 
     after = api.get(f"/v1/jobs/{job['id']}").json()
     assert transitions(after) == HAPPY
@@ -300,3 +301,22 @@ def test_health_and_readiness(anon: httpx.Client) -> None:
     ready = anon.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"postgres": "ok", "redis": "ok", "s3": "ok"}
+
+
+def test_no_secret_reaches_a_log_line(
+    api: httpx.Client, sim: httpx.Client, stack: Stack, keys: dict[str, Any]
+) -> None:
+    job = submit_samples(api)
+    wait_status(api, job["id"])
+    token = parse_qs(urlsplit(sim.get("/_sim/tasks").json()[0]["callbackurl"]).query)["token"][0]
+    # A refused key and a refused callback log about themselves, never the secret sent.
+    httpx.get(f"{api.base_url}/v1/jobs", headers={"Authorization": "Bearer dg_leakedkey1234567"})
+    api.post(f"/v1/wiro/callbacks/{job['id']}?token=wrong-token-value-123", json={})
+
+    secrets = [k.key for k in keys.values()] + [k.webhook_secret for k in keys.values()]
+    secrets += [token, stack.env["WIRO_API_SECRET"], "dg_leakedkey1234567", "wrong-token-value-123"]
+    ours = ["gateway.log", "worker.log", "beat.log"]
+    text = "".join((stack.logs / name).read_text() for name in ours)
+    assert f"/v1/wiro/callbacks/{job['id']}" in text  # the callbacks were logged...
+    for secret in secrets:
+        assert secret not in text  # ...without their tokens

@@ -22,3 +22,4 @@ def test_small_soak_loses_no_job_and_makes_no_extra_wiro_task(
     assert result["extra_wiro_tasks"] == 0
     assert result["succeeded"] + result["failed"] + result["canceled"] == 60
     assert result["callbacks_dropped"] > 0  # the faults really happened
+    assert result["webhooks_delivered"] == result["webhooks_expected"] > 0

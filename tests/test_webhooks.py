@@ -44,7 +44,7 @@ class Received:
 class Receiver:
     """A client's webhook endpoint: records every request, answers as scripted (else 200)."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
         self.requests: list[Received] = []
         self.script: list[tuple[int, dict[str, str]]] = []
@@ -75,7 +75,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.server = ThreadingHTTPServer((host, port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -408,3 +408,32 @@ def test_sweep_resends_a_due_attempt_whose_message_was_lost(
     first, second = receiver.received()
     assert first.headers["webhook-id"] == second.headers["webhook-id"] == message["msg_id"]
     assert first.body == second.body
+
+
+def test_receiver_down_then_back_up_gets_every_event_once(
+    api: httpx.Client, keys: dict[str, IssuedKey], engine: Engine
+) -> None:
+    from service.embedded import free_port
+
+    port = free_port()  # nothing listens here yet: connections are refused
+    job = submit(api, f"http://127.0.0.1:{port}/hook")
+    wait_status(api, job["id"])
+
+    def refused_once() -> bool:
+        return any(d["error"] for m in messages(engine, job["id"]) for d in m["deliveries"])
+
+    wait_for(refused_once, timeout=20, what="a delivery attempt to the down receiver")
+    receiver = Receiver(port=port)  # back up
+    try:
+        found = settled(engine, job["id"], 2)
+        got = receiver.received()
+    finally:
+        receiver.close()
+
+    assert [m["status"] for m in found] == ["delivered", "delivered"]
+    assert any(m["attempts"] > 1 for m in found)
+    ids = [r.headers["webhook-id"] for r in got]
+    assert sorted(ids) == sorted(m["msg_id"] for m in found)  # each event once
+    secret = keys["app-a"].webhook_secret
+    # Retries may overtake each other: order is not promised, each event's arrival is.
+    assert sorted(r.verify(secret)["type"] for r in got) == ["job.running", "job.succeeded"]

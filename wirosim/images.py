@@ -85,7 +85,12 @@ def pad_png(data: bytes, size: int | None) -> bytes:
         return data
     payload_len = max(0, size - len(data) - 12)
     seed = int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
-    payload = random.Random(seed).randbytes(payload_len)
+    rng = random.Random(seed)
+    # randbytes() takes at most 2**31 bits at a time: build large paddings in pieces.
+    piece = 64 * 1024 * 1024
+    payload = b"".join(
+        rng.randbytes(min(piece, payload_len - start)) for start in range(0, payload_len, piece)
+    )
     crc = zlib.crc32(PAD_CHUNK_TYPE + payload) & 0xFFFFFFFF
     chunk = struct.pack(">I", payload_len) + PAD_CHUNK_TYPE + payload + struct.pack(">I", crc)
     iend = data.rfind(b"IEND") - 4

@@ -10,7 +10,7 @@ from fastapi_offline import FastAPIOffline
 
 from service.api import errors
 from service.api.limits import BodyLimit
-from service.api.routers import events, health, jobs, wiro_callback
+from service.api.routers import admin, events, health, jobs, metrics, wiro_callback
 from service.container import Services, build_services
 from service.live import JobEvents, listen_dsn
 from service.settings import Settings, get_settings
@@ -54,6 +54,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(events.router)
     app.include_router(wiro_callback.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
+    app.include_router(admin.page)
+    app.include_router(metrics.router)
     errors.document_problems(app)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
     return app

@@ -17,6 +17,7 @@ from service.api.errors import ProblemError, responses
 from service.api.schemas import Accepted
 from service.container import Services
 from service.db import transaction
+from service.models import JobStatus as S
 
 router = APIRouter(prefix="/v1/wiro", tags=["wiro"])
 log = structlog.get_logger(__name__)
@@ -50,6 +51,10 @@ def _check_token(svc: Services, job_id: uuid.UUID, token: str) -> None:
     if not jobs.token_matches(token, stored or "0" * 64) or job is None:
         log.warning("callback_refused", job_id=str(job_id))
         raise ProblemError(403, "invalid_callback_token", "unknown job or wrong token")
+    if S(job.status).terminal:
+        # The token served its purpose; a replay of it can only be noise or an attack.
+        log.info("callback_token_reused", job_id=str(job_id), status=job.status)
+        raise ProblemError(410, "callback_token_used", "the job is finished; this URL is spent")
 
 
 @router.post(
@@ -61,7 +66,7 @@ def _check_token(svc: Services, job_id: uuid.UUID, token: str) -> None:
         "`callbackUrl`). The body is treated as a hint: the job's outcome is read from "
         "Task/Detail by a worker before anything changes."
     ),
-    responses=responses(403, 413, 422),
+    responses=responses(403, 410, 413, 422),
 )
 async def wiro_callback(
     job_id: uuid.UUID,
