@@ -154,7 +154,11 @@ def run_migrations(database_url: str) -> None:
 
 
 @main.command()
-@click.option("--ensure-bucket", is_flag=True, help="Also create the S3 bucket if missing.")
+@click.option(
+    "--ensure-bucket",
+    is_flag=True,
+    help="Also create the S3 bucket if missing and set its OUTPUT_RETENTION_DAYS rule.",
+)
 def migrate(ensure_bucket: bool) -> None:
     """Upgrade the database schema (Alembic) to the newest revision."""
     settings = get_settings()
@@ -162,11 +166,13 @@ def migrate(ensure_bucket: bool) -> None:
     if ensure_bucket:
         from service.storage import Storage
 
-        Storage.from_settings(
+        storage = Storage.from_settings(
             endpoint_url=settings.s3_endpoint_url,
             region=settings.s3_region,
             bucket=settings.s3_bucket,
-        ).ensure_bucket()
+        )
+        storage.ensure_bucket()
+        storage.set_output_retention(settings.output_retention_days)
 
 
 def _sessions() -> Any:

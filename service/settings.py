@@ -20,8 +20,8 @@ class Settings(BaseSettings):
     s3_bucket: str = "dreamgate"
     s3_region: str = "us-east-1"
     presign_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
-    # Days that outputs (outputs/ in the bucket) are kept; 0 keeps them forever. Meant to be
-    # applied as an S3 lifecycle rule on the outputs/ prefix, not by a job of our own.
+    # Days that outputs (outputs/ in the bucket) are kept; 0 keeps them forever. Applied as
+    # an S3 lifecycle rule on the outputs/ prefix by `dreamgate migrate --ensure-bucket`.
     output_retention_days: int = Field(0, ge=0)
     # Seconds between keep-alive comments on an idle SSE stream (GET /v1/jobs/{id}/events).
     sse_keepalive_s: float = Field(15.0, gt=0)

@@ -123,6 +123,29 @@ class Storage:
         except ClientError:
             self._s3.create_bucket(Bucket=self.bucket)
 
+    def set_output_retention(self, days: int) -> None:
+        """Expire ``outputs/`` after ``days`` days by a lifecycle rule; 0 removes the rule.
+
+        S3 itself deletes the copies, so retention costs the service nothing at run time.
+        Inputs are kept: a job can be retried or audited from them.
+        """
+        if days <= 0:
+            self._s3.delete_bucket_lifecycle(Bucket=self.bucket)
+            return
+        self._s3.put_bucket_lifecycle_configuration(
+            Bucket=self.bucket,
+            LifecycleConfiguration={
+                "Rules": [
+                    {
+                        "ID": "dreamgate-output-retention",
+                        "Filter": {"Prefix": "outputs/"},
+                        "Status": "Enabled",
+                        "Expiration": {"Days": days},
+                    }
+                ]
+            },
+        )
+
     def ping(self) -> None:
         """Raise unless the bucket answers."""
         self._s3.head_bucket(Bucket=self.bucket)
