@@ -17,8 +17,11 @@ def storage(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Storage:
     # Credentials through boto3's usual chain, as in production.
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", stack.env["AWS_ACCESS_KEY_ID"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", stack.env["AWS_SECRET_ACCESS_KEY"])
-    store = Storage.from_settings(endpoint_url=stack.env["S3_ENDPOINT_URL"],
-                                  region="us-east-1", bucket=f"t-{uuid.uuid4().hex[:12]}")
+    store = Storage.from_settings(
+        endpoint_url=stack.env["S3_ENDPOINT_URL"],
+        region="us-east-1",
+        bucket=f"t-{uuid.uuid4().hex[:12]}",
+    )
     store.ensure_bucket()
     return store
 
@@ -36,16 +39,23 @@ def test_put_stream_records_size_and_sha256_of_a_multipart_upload(storage: Stora
 
 def test_put_stream_stops_past_its_limit(storage: Storage) -> None:
     with pytest.raises(TooLarge):
-        storage.put_stream("inputs/x/0-a.png", io.BytesIO(b"x" * 5000), content_type="x/y",
-                           limit=4096)
+        storage.put_stream(
+            "inputs/x/0-a.png", io.BytesIO(b"x" * 5000), content_type="x/y", limit=4096
+        )
 
 
-def test_output_retention_is_a_lifecycle_rule_on_outputs_only(storage: Storage,
-                                                               stack: Stack) -> None:
+def test_output_retention_is_a_lifecycle_rule_on_outputs_only(
+    storage: Storage, stack: Stack
+) -> None:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=stack.env["S3_ENDPOINT_URL"], region_name="us-east-1",
-                      aws_access_key_id="embedded", aws_secret_access_key="embedded")  # noqa: S106
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.env["S3_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id="embedded",
+        aws_secret_access_key="embedded",
+    )
 
     storage.set_output_retention(30)
     [rule] = s3.get_bucket_lifecycle_configuration(Bucket=storage.bucket)["Rules"]

@@ -46,6 +46,9 @@ class SimConfig(BaseModel):
     run_fail_rate: float = Field(default=0.0, ge=0, le=1)  # chance a Run is refused, no task
     run_fail_status: int = Field(default=503, ge=400, le=599)
     callback_delay_s: float = Field(default=0.0, ge=0)
+    # A random extra delay up to this, drawn per callback: callbacks of different tasks
+    # (and copies of one) then arrive out of order.
+    callback_jitter_s: float = Field(default=0.0, ge=0)
     callback_body: CallbackBody = "task"
     run_errors: list[Fault] = Field(default_factory=list)
     detail_errors: list[Fault] = Field(default_factory=list)

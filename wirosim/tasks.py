@@ -418,8 +418,9 @@ class SimState:
     async def _deliver_callbacks(self, task: Task, snapshot: dict[str, Any]) -> None:
         """POST the task object to its callback URL, obeying the callback knobs."""
         cfg = self.config
-        if cfg.callback_delay_s > 0:
-            await asyncio.sleep(cfg.callback_delay_s)
+        delay = cfg.callback_delay_s + self._rng.uniform(0, cfg.callback_jitter_s)
+        if delay > 0:
+            await asyncio.sleep(delay)
         body = self._callback_body(snapshot)
         headers = {"content-type": "application/json"}
         async with httpx.AsyncClient(timeout=CALLBACK_TIMEOUT_S) as client:

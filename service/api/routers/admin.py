@@ -243,6 +243,8 @@ def _stats(svc: Services) -> dict[str, Any]:
 
 @router.get("/stats", response_model=Stats, summary="The service's figures")
 async def stats(_: AdminDep, svc: ServicesDep) -> Any:
+    """Jobs by status, last hour's throughput and stage percentiles (queue wait, Wiro time,
+    finalize time, from job_events), top failure reasons, callback vs sweep share, cost."""
     return await run_in_threadpool(_stats, svc)
 
 

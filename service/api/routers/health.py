@@ -15,6 +15,7 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz", summary="The process is up")
 def healthz() -> dict[str, str]:
+    """Answers 200 while the process runs; checks nothing else (a liveness probe)."""
     return {"status": "ok"}
 
 
@@ -24,6 +25,7 @@ def healthz() -> dict[str, str]:
     responses={503: {"description": "A dependency does not answer"}},
 )
 def readyz(svc: ServicesDep) -> JSONResponse:
+    """200 when PostgreSQL, Redis and S3 all answer; 503 with each check's error otherwise."""
     checks: dict[str, Any] = {}
 
     def probe(name: str, fn: Any) -> None:

@@ -43,5 +43,7 @@ def _render(svc: Services) -> tuple[bytes, str]:
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
 )
 async def prometheus(svc: ServicesDep) -> Response:
+    """Every process's counters and histograms (multiprocess mode), plus jobs by status and
+    the Celery queue depth read at scrape time. Aggregates only: no ids, owners or keys."""
     body, content_type = await run_in_threadpool(_render, svc)
     return Response(body, media_type=content_type)
