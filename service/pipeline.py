@@ -121,6 +121,7 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
         )
         current = jobs.get(s, job_id, full=False)
     webhooks.announce(svc, moved)
+    structlog.contextvars.bind_contextvars(taskid=accepted.taskid)
     bound.info("run_accepted", taskid=accepted.taskid, moved=bool(moved))
     if current is not None and current.cancel_requested_at is not None:
         cancel_at_wiro(svc, job_id)
@@ -263,6 +264,8 @@ def reconcile(
         job = jobs.get(s, job_id, full=False)
     if job is None or S(job.status).terminal:
         return
+    if job.wiro_taskid is not None:
+        structlog.contextvars.bind_contextvars(taskid=job.wiro_taskid)
     if job.wiro_taskid is None:
         if job.status == S.submitting and job.run_sent_at is not None and taskid_hint:
             _adopt(svc, job, taskid_hint, source=source)

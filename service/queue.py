@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import structlog
 from celery import Celery
 
 QUEUE = "dreamgate"
@@ -49,8 +50,15 @@ class TaskQueue:
         self._celery = celery
 
     def _send(self, name: str, *args: Any, countdown: float | None = None) -> None:
+        # The request id travels with the message, so the worker's log lines carry it too.
+        request_id = structlog.contextvars.get_contextvars().get("request_id")
         self._celery.send_task(
-            name, args=list(args), queue=QUEUE, countdown=countdown, expires=EXPIRES_S
+            name,
+            args=list(args),
+            queue=QUEUE,
+            countdown=countdown,
+            expires=EXPIRES_S,
+            headers={"request_id": request_id} if request_id else None,
         )
 
     def submit(

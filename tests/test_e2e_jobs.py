@@ -320,3 +320,31 @@ def test_no_secret_reaches_a_log_line(
     assert f"/v1/wiro/callbacks/{job['id']}" in text  # the callbacks were logged...
     for secret in secrets:
         assert secret not in text  # ...without their tokens
+
+
+def test_logs_follow_a_job_across_gateway_and_worker_by_request_and_job_id(
+    api: httpx.Client, stack: Stack
+) -> None:
+    import json
+
+    r = api.post(
+        "/v1/jobs",
+        files=upload_files(sample(1)),
+        data={"prompt": SEED_PROMPT},
+        headers={"X-Request-ID": "req-trace-42"},
+    )
+    assert r.headers["x-request-id"] == "req-trace-42"
+    job = wait_status(api, r.json()["id"])
+
+    def lines(name: str) -> list[dict[str, Any]]:
+        out = []
+        for line in (stack.logs / name).read_text().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    gateway = [e for e in lines("gateway.log") if e.get("request_id") == "req-trace-42"]
+    worker = [e for e in lines("worker.log") if e.get("job_id") == job["id"]]
+    assert gateway  # the access line of the submit, at least
+    assert any(e.get("request_id") == "req-trace-42" for e in worker)  # the submit task
+    assert any(e.get("taskid") == job["wiro"]["taskid"] for e in worker)

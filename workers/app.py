@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from celery import Celery
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+)
 
 from service import metrics
 from service.container import Services, build_services
@@ -52,3 +59,21 @@ def _fresh_after_fork(**_: Any) -> None:
 def _close(**_: Any) -> None:
     if _services is not None:
         _services.close()
+
+
+@task_prerun.connect
+def _bind_log_context(task: Any = None, args: Any = None, **_: Any) -> None:
+    """Every log line of a task carries its job id and the request that caused it."""
+    structlog.contextvars.clear_contextvars()
+    context: dict[str, Any] = {"task": getattr(task, "name", None)}
+    request_id = getattr(getattr(task, "request", None), "request_id", None)
+    if request_id:
+        context["request_id"] = request_id
+    if args and isinstance(args[0], str) and len(args[0]) == 36:
+        context["job_id"] = args[0]
+    structlog.contextvars.bind_contextvars(**context)
+
+
+@task_postrun.connect
+def _unbind_log_context(**_: Any) -> None:
+    structlog.contextvars.clear_contextvars()

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service.api import errors
+from service.api.context import RequestContext
 from service.api.limits import BodyLimit
 from service.api.routers import admin, events, health, jobs, metrics, wiro_callback
 from service.container import Services, build_services
@@ -59,4 +60,5 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(metrics.router)
     errors.document_problems(app)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
+    app.add_middleware(RequestContext)  # outermost: every line of the request has its id
     return app

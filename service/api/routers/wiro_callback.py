@@ -79,6 +79,7 @@ async def wiro_callback(
         body += chunk
         if len(body) > MAX_BODY:
             raise ProblemError(413, "payload_too_large", "callback body too large")
+    structlog.contextvars.bind_contextvars(job_id=str(job_id))
     await run_in_threadpool(_check_token, svc, job_id, token)
     hint = taskid_hint(body, request.headers.get("content-type", ""))
     await run_in_threadpool(svc.queue.reconcile, job_id, source="callback", taskid=hint)
