@@ -25,6 +25,8 @@ class WiroInfo(BaseModel):
 
 
 class InputOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     position: int
     kind: Literal["file", "url"]
     url: str | None = None
@@ -106,21 +108,7 @@ def job_out(job: Job, storage: Storage, ttl_s: int, *, full: bool) -> JobOut:
             status=job.wiro_status,
             cost=None if job.wiro_cost is None else format(job.wiro_cost.normalize(), "f"),
         ),
-        inputs=[
-            InputOut(
-                position=i.position,
-                kind=i.kind,
-                url=i.url,
-                s3_key=i.s3_key,
-                filename=i.filename,
-                content_type=i.content_type,
-                size=i.size,
-                sha256=i.sha256,
-            )
-            for i in job.inputs
-        ]
-        if full
-        else None,
+        inputs=[InputOut.model_validate(i) for i in job.inputs] if full else None,
         outputs=[
             OutputOut(
                 position=o.position,

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service import ops, pipeline, sweep, webhooks
 from service.api.deps import AdminDep, ServicesDep
@@ -159,6 +159,8 @@ class SweepReportOut(BaseModel):
 
 
 class DeliveryOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     attempt: int
     status_code: int | None
     latency_ms: int | None
@@ -220,16 +222,7 @@ def _message(m: WebhookMessage) -> MessageOut:
         attempts=m.attempts,
         next_attempt_at=m.next_attempt_at,
         created_at=m.created_at,
-        deliveries=[
-            DeliveryOut(
-                attempt=d.attempt,
-                status_code=d.status_code,
-                latency_ms=d.latency_ms,
-                error=d.error,
-                created_at=d.created_at,
-            )
-            for d in m.deliveries
-        ],
+        deliveries=[DeliveryOut.model_validate(d) for d in m.deliveries],
     )
 
 
