@@ -17,7 +17,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from service import jobs, ssrf
+from service import admission, jobs, ssrf
 from service.container import Services
 from service.db import transaction
 from service.models import IdempotencyKey
@@ -230,10 +230,7 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
                 return earlier
         raise
     # After the commit: a send lost here is re-sent by the sweep.
-    try:
-        svc.queue.submit(job_id)
-    except Exception as exc:  # the job is safe in PostgreSQL; the sweep re-sends it
-        log.warning("enqueue_failed", job_id=str(job_id), error=str(exc))
+    admission.request(svc)
     return Accepted(job_id=job_id, replayed=False)
 
 

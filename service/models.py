@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Numeric,
+    SmallInteger,
     String,
     Text,
     func,
@@ -166,6 +167,18 @@ class Job(Base):
         Index("ix_jobs_owner_created_at_id", "owner", "created_at", "id"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index(
+            "ix_jobs_in_flight_owner",
+            "owner",
+            postgresql_where=text("status IN ('submitting', 'running')"),
+        ),
+        Index(
+            "ix_jobs_queued_owner_created",
+            "owner",
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'queued'"),
+        ),
+        Index(
             "ix_jobs_active_updated",
             "status",
             "updated_at",
@@ -277,6 +290,23 @@ class WebhookMessage(Base):
             "next_attempt_at",
             postgresql_where=text("status = 'pending'"),
         ),
+    )
+
+
+class WiroAdmission(Base):
+    """The one row of the adaptive in-flight limit (service/admission.py)."""
+
+    __tablename__ = "wiro_admission"
+    __table_args__ = (
+        CheckConstraint("id = 1", name="one_row"),
+        CheckConstraint("limit_in_force >= 1", name="limit_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    limit_in_force: Mapped[int] = mapped_column(Integer, nullable=False)
+    successes: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
     )
 
 

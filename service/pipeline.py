@@ -18,16 +18,17 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
-from sqlalchemy import delete, func
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from service import jobs, metrics, webhooks
+from service import admission, jobs, metrics, webhooks
 from service.container import Services
 from service.db import transaction
-from service.models import Job, JobOutput
+from service.models import Job, JobEvent, JobOutput
 from service.models import JobStatus as S
 from service.storage import StoredObject
 from service.wiro import (
+    CODE_CONCURRENCY,
     QUEUED_STATUSES,
     Outcome,
     RunInput,
@@ -62,22 +63,25 @@ def backoff_s(attempt: int, *, base: float = 2.0, cap: float = 300.0) -> float:
 
 
 def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
-    """Send a queued job to Wiro once; store its taskid the moment Wiro answers."""
+    """Send a job that admission claimed (``submitting``) to Wiro once; store its taskid.
+
+    The job holds a slot from ``admission.admit``. Setting the callback token is the guard
+    against a redelivered message: only the first ``submit`` finds it unset.
+    """
     token, token_hash = jobs.new_callback_token()
     with transaction(svc.sessions) as s:
-        moved = jobs.transition(
-            s,
-            job_id,
-            S.submitting,
-            from_=[S.queued],
-            detail={"attempt": attempt},
-            callback_token_hash=token_hash,
-            run_sent_at=None,
-            # The sweep's clock for "claimed but the Run never left" starts at the claim, not
-            # at the enqueue: a job that waited in the queue is not lost the moment it starts.
-            enqueued_at=func.now(),
-        )
-        job = jobs.get(s, job_id) if moved else None
+        claimed = s.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == S.submitting,
+                Job.run_sent_at.is_(None),
+                Job.callback_token_hash.is_(None),
+            )
+            .values(callback_token_hash=token_hash)
+            .returning(Job.id)
+        ).scalar_one_or_none()
+        job = jobs.get(s, job_id) if claimed is not None else None
     if job is None:
         return
     bound = log.bind(job_id=str(job_id))
@@ -98,6 +102,7 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
                 error_message=exc.message,
             )
         webhooks.announce(svc, failed)
+        admission.released(svc, failed)
         return
     except WiroUncertain as exc:
         # Wiro may hold a task for us. Never send a second Run: wait for the callback to
@@ -120,6 +125,7 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
             next_poll_at=_first_poll(svc),
         )
         current = jobs.get(s, job_id, full=False)
+    admission.run_accepted(svc)
     webhooks.announce(svc, moved)
     structlog.contextvars.bind_contextvars(taskid=accepted.taskid)
     bound.info("run_accepted", taskid=accepted.taskid, moved=bool(moved))
@@ -150,10 +156,22 @@ def _run(svc: Services, job: Job, callback: str) -> Any:
         )
 
 
+def _is_concurrency(exc: WiroRefused) -> bool:
+    """Wiro's concurrency limit (code 96) or rate limit (HTTP 429): back off, don't count."""
+    return exc.code == CODE_CONCURRENCY or exc.http_status == 429
+
+
 def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> None:
-    """Wiro certainly did not take the job: queue it again, or fail it past the deadline."""
+    """Wiro certainly did not take the job: queue it again, or fail it past the deadline.
+
+    A refusal for concurrency (96/429) lowers the admission limit and never fails the job:
+    it only means we sent too many at once, not that this job is unwelcome.
+    """
+    busy = _is_concurrency(exc)
+    if busy:
+        admission.concurrency_refused(svc)
     age = (datetime.now(UTC) - job.created_at).total_seconds()
-    if age > svc.settings.submit_deadline_s:
+    if not busy and age > svc.settings.submit_deadline_s:
         with transaction(svc.sessions) as s:
             failed = jobs.transition(
                 s,
@@ -165,6 +183,7 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
                 error_message=f"Wiro kept refusing the job for {int(age)} s: {exc.message}",
             )
         webhooks.announce(svc, failed)
+        admission.released(svc, failed)
         return
     with transaction(svc.sessions) as s:
         current = jobs.get(s, job.id, full=False)
@@ -176,7 +195,12 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
             moved = None
         else:
             canceled = None
-            delay = exc.retry_after if exc.retry_after is not None else backoff_s(attempt)
+            if exc.retry_after is not None:
+                delay = exc.retry_after
+            elif busy:
+                delay = random.uniform(0.5, 2.0)  # the slot limit, not time, is the back-off
+            else:
+                delay = backoff_s(_refusals(s, job.id))
             moved = jobs.transition(
                 s,
                 job.id,
@@ -184,11 +208,29 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
                 from_=[S.submitting],
                 detail={**exc.as_detail(), "delay": delay},
                 run_sent_at=None,
+                callback_token_hash=None,
                 enqueued_at=func.now() + timedelta(seconds=delay),
             )
     webhooks.announce(svc, canceled)
+    admission.released(svc, canceled)
     if moved:
-        svc.queue.submit(job.id, countdown=delay, attempt=attempt + 1)
+        # Another queued job may take the slot now; this one is ready again after ``delay``.
+        admission.request(svc)
+        admission.request(svc, countdown=delay)
+
+
+def _refusals(s: Any, job_id: uuid.UUID) -> int:
+    """How many times Wiro refused this job's Run so far (the back-off's exponent)."""
+    count = s.execute(
+        select(func.count())
+        .select_from(JobEvent)
+        .where(
+            JobEvent.job_id == job_id,
+            JobEvent.from_status == S.submitting,
+            JobEvent.to_status == S.queued,
+        )
+    ).scalar_one()
+    return int(count)
 
 
 class NotRetryable(Exception):
@@ -247,7 +289,7 @@ def retry(svc: Services, job_id: uuid.UUID) -> int:
             raise NotRetryable(S.queued)
         # Outputs copied before the failure belonged to the old task.
         s.execute(delete(JobOutput).where(JobOutput.job_id == job_id))
-    svc.queue.submit(job_id)
+    admission.request(svc)
     return attempt
 
 
@@ -303,6 +345,7 @@ def _adopt(svc: Services, job: Job, taskid: str, *, source: str) -> None:
             next_poll_at=_first_poll(svc),
         )
     webhooks.announce(svc, adopted)
+    admission.released(svc, adopted)
     apply_task(svc, job.id, task, source=source)
 
 
@@ -358,6 +401,7 @@ def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str)
     if moved and outcome is Outcome.succeeded:
         svc.queue.finalize(job_id)
     webhooks.announce(svc, moved)
+    admission.released(svc, moved)
 
 
 # -- finalize ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ RECONCILE = "dreamgate.reconcile"
 FINALIZE = "dreamgate.finalize"
 CANCEL = "dreamgate.cancel"
 SWEEP = "dreamgate.sweep"
+ADMIT = "dreamgate.admit"
 WEBHOOK_DISPATCH = "dreamgate.webhook_dispatch"
 WEBHOOK_DELIVER = "dreamgate.webhook_deliver"
 
@@ -66,6 +67,10 @@ class TaskQueue:
     ) -> None:
         """Ask a worker to send the job to Wiro."""
         self._send(SUBMIT, str(job_id), attempt, countdown=countdown)
+
+    def admit(self, *, countdown: float | None = None) -> None:
+        """Ask a worker for an admission pass (queued jobs into free slots at Wiro)."""
+        self._send(ADMIT, countdown=countdown)
 
     def reconcile(self, job_id: uuid.UUID, *, source: str, taskid: str | None = None) -> None:
         """Ask a worker to read the job's task from Wiro and act on it."""

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     run_uncertain_wait_s: float = Field(900.0, gt=0)
     # How long a job may keep being refused by Wiro (busy, rate-limited) before it fails.
     submit_deadline_s: float = Field(3600.0, gt=0)
+    # Admission to Wiro: at most this many jobs in submitting or running at once (the
+    # limit in force halves on code 96/429 and climbs back by one per N accepted Runs).
+    wiro_max_in_flight: int = Field(8, ge=1)
+    wiro_admission_increase_after: int = Field(10, ge=1)
     finalize_attempts: int = Field(5, ge=1)
     output_read_timeout_s: float = Field(60.0, gt=0)
 

@@ -1,4 +1,6 @@
-"""The periodic sweep: poll Wiro for silent jobs and re-send work a crash left behind."""
+"""The periodic sweep: poll Wiro for silent jobs and re-send work a crash left behind.
+
+It also runs an admission pass (service/admission.py) each time."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from datetime import timedelta
 
 import structlog
 
-from service import jobs, metrics, webhooks
+from service import admission, jobs, metrics, webhooks
 from service.container import Services
 from service.db import transaction
 from service.models import JobStatus as S
@@ -47,13 +49,6 @@ def sweep(svc: Services) -> SweepReport:
         svc.queue.reconcile(job_id, source="sweep")
     report.polled = len(polls)
 
-    # Queued with a lost message (broker down, worker killed before ack): send it again.
-    with transaction(svc.sessions) as s:
-        queued = jobs.stale(s, S.queued, older_than=stuck, batch=cfg.sweep_batch)
-    for job in queued:
-        svc.queue.submit(job.id)
-    report.resubmitted = len(queued)
-
     # Claimed for submit, but the Run never left (worker died first): safe to send again.
     with transaction(svc.sessions) as s:
         unsent = jobs.stale(
@@ -68,10 +63,9 @@ def sweep(svc: Services) -> SweepReport:
                 S.queued,
                 from_=[S.submitting],
                 detail={"reason": "worker lost before Run was sent"},
+                callback_token_hash=None,
             )
         ]
-    for job_id in moved:
-        svc.queue.submit(job_id)
     report.requeued_unsent = len(moved)
 
     # A Run that may have reached Wiro and never named its task: fail rather than risk two.
@@ -97,6 +91,10 @@ def sweep(svc: Services) -> SweepReport:
     for gave_up in failed:
         webhooks.announce(svc, gave_up)
     report.failed_uncertain = len(failed)
+
+    # Queued jobs into free slots: covers admission requests lost on the way (broker down,
+    # worker killed before ack) and the slots the repairs above just freed.
+    report.resubmitted = len(admission.admit(svc))
 
     with transaction(svc.sessions) as s:
         finalizing = jobs.stale(s, S.finalizing, older_than=stuck, batch=cfg.sweep_batch)

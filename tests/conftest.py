@@ -51,6 +51,7 @@ TEST_SETTINGS = {
     "WEBHOOK_RETRY_SCHEDULE_S": "0,0.5,1,1",
     "WEBHOOK_TIMEOUT_S": "3",
     "LOG_LEVEL": "INFO",
+    "WIRO_MAX_IN_FLIGHT": "3",
 }
 
 
@@ -212,8 +213,8 @@ def clean(engine: Engine, sim: httpx.Client) -> Iterator[None]:
             with engine.begin() as conn:
                 conn.execute(
                     text(
-                        "TRUNCATE jobs, job_inputs, job_outputs, job_events, idempotency_keys "
-                        "CASCADE"
+                        "TRUNCATE jobs, job_inputs, job_outputs, job_events, idempotency_keys, "
+                        "wiro_admission CASCADE"
                     )
                 )
             break

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from service import pipeline, webhooks
+from service import admission, pipeline, webhooks
 from service.queue import (
+    ADMIT,
     CANCEL,
     FINALIZE,
     RECONCILE,
@@ -16,6 +17,12 @@ from service.queue import (
 )
 from service.sweep import sweep as run_sweep
 from workers.app import app, services
+
+
+@app.task(name=ADMIT, ignore_result=True)
+def admit() -> None:
+    """Claim queued jobs into free slots at Wiro and send their Runs."""
+    admission.admit(services())
 
 
 @app.task(name=SUBMIT, ignore_result=True)
