@@ -4,25 +4,33 @@ At most ``limit`` jobs are in ``submitting`` or ``running`` at any moment, acros
 worker and gateway. ``admit`` is the only step that moves a job from ``queued`` to
 ``submitting``: under a PostgreSQL advisory transaction lock it counts the jobs in flight,
 claims up to the free slots, fairly between owners (the owner with the fewest jobs in flight
-first, then that owner's oldest ready job), and after the commit sends a ``submit`` for each
-claimed job. Any step that may free a slot or add a queued job asks for an admission pass
-(``request``); the sweep runs one too, so a lost request costs one sweep interval.
+first, then that owner's next ready job by priority and age), skipping keys at their own
+``max_in_flight``, and after the commit sends a ``submit`` for each claimed job. Any step
+that may free a slot or add a queued job asks for an admission pass (``request``); the sweep
+runs one too, so a lost request costs one sweep interval.
 
 The limit in force adapts (AIMD): it halves (never below 1) when Wiro answers code 96 or
 HTTP 429 to a Run, and climbs back by one after ``WIRO_ADMISSION_INCREASE_AFTER`` accepted
-Runs, never above ``WIRO_MAX_IN_FLIGHT``. It lives in the one-row table ``wiro_admission``.
+Runs, never above ``WIRO_MAX_IN_FLIGHT``. The level Wiro refused at is kept as a ceiling:
+climbing back onto it waits for ``WIRO_ADMISSION_PROBE_AFTER`` accepted Runs, so a hidden
+lower limit at Wiro costs one refused Run per that many jobs, not one per few dozen. It all
+lives in the one-row table ``wiro_admission``.
 """
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy import func, text
+from sqlalchemy.orm import Session
 
 from service import jobs
 from service.container import Services
 from service.db import transaction
+from service.models import Job
 from service.models import JobStatus as S
 
 log = structlog.get_logger(__name__)
@@ -31,20 +39,35 @@ log = structlog.get_logger(__name__)
 LOCK_KEY = 0x64676164_6D6974
 IN_FLIGHT = frozenset({S.submitting, S.running})
 
+# Round-robin by owner: a job's turn is its owner's jobs in flight plus its rank in the
+# owner's queue (priority, then age), so every owner's next job comes before anyone's
+# second. A key at its own max_in_flight has no candidates.
 _CANDIDATES = text(
     """
     WITH flight AS (
         SELECT owner, count(*) AS n FROM jobs
         WHERE status IN ('submitting', 'running') GROUP BY owner
     ),
+    key_flight AS (
+        SELECT api_key_id, count(*) AS n FROM jobs
+        WHERE status IN ('submitting', 'running') AND api_key_id IS NOT NULL
+        GROUP BY api_key_id
+    ),
     ready AS (
-        SELECT id, owner, created_at,
-               row_number() OVER (PARTITION BY owner ORDER BY created_at, id) AS rn
+        SELECT id, owner, api_key_id, created_at,
+               row_number() OVER (
+                   PARTITION BY owner ORDER BY priority DESC, created_at, id) AS rn,
+               row_number() OVER (
+                   PARTITION BY api_key_id ORDER BY priority DESC, created_at, id) AS krn
         FROM jobs
         WHERE status = 'queued' AND coalesce(enqueued_at, created_at) <= now()
     )
-    SELECT r.id FROM ready r LEFT JOIN flight f ON f.owner = r.owner
+    SELECT r.id FROM ready r
+    LEFT JOIN flight f ON f.owner = r.owner
+    LEFT JOIN key_flight kf ON kf.api_key_id = r.api_key_id
+    LEFT JOIN api_keys k ON k.id = r.api_key_id
     WHERE r.rn <= :free
+      AND (k.max_in_flight IS NULL OR coalesce(kf.n, 0) + r.krn <= k.max_in_flight)
     ORDER BY coalesce(f.n, 0) + r.rn, r.created_at, r.id
     LIMIT :free
     """
@@ -53,10 +76,21 @@ _CANDIDATES = text(
 
 def limit_in_force(svc: Services) -> int:
     """The limit admission uses now: the adaptive one, capped by the setting."""
-    cap = svc.settings.wiro_max_in_flight
     with transaction(svc.sessions) as s:
-        row = s.execute(text("SELECT limit_in_force FROM wiro_admission WHERE id = 1")).first()
+        return _limit(s, svc.settings.wiro_max_in_flight)
+
+
+def _limit(s: Session, cap: int) -> int:
+    row = s.execute(text("SELECT limit_in_force FROM wiro_admission WHERE id = 1")).first()
     return cap if row is None else max(1, min(cap, int(row[0])))
+
+
+def _in_flight(s: Session) -> int:
+    return int(
+        s.execute(
+            text("SELECT count(*) FROM jobs WHERE status IN ('submitting', 'running')")
+        ).scalar_one()
+    )
 
 
 def admit(svc: Services) -> list[uuid.UUID]:
@@ -64,12 +98,9 @@ def admit(svc: Services) -> list[uuid.UUID]:
     cap = svc.settings.wiro_max_in_flight
     with transaction(svc.sessions) as s:
         s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": LOCK_KEY})
-        row = s.execute(text("SELECT limit_in_force FROM wiro_admission WHERE id = 1")).first()
-        limit = cap if row is None else max(1, min(cap, int(row[0])))
-        in_flight = s.execute(
-            text("SELECT count(*) FROM jobs WHERE status IN ('submitting', 'running')")
-        ).scalar_one()
-        free = limit - int(in_flight)
+        limit = _limit(s, cap)
+        in_flight = _in_flight(s)
+        free = limit - in_flight
         if free <= 0:
             return []
         candidates = list(s.execute(_CANDIDATES, {"free": free}).scalars())
@@ -91,7 +122,7 @@ def admit(svc: Services) -> list[uuid.UUID]:
     for job_id in claimed:
         svc.queue.submit(job_id)
     if claimed:
-        log.info("admitted", count=len(claimed), limit=limit, in_flight=int(in_flight))
+        log.info("admitted", count=len(claimed), limit=limit, in_flight=in_flight)
     return claimed
 
 
@@ -109,40 +140,173 @@ def released(svc: Services, moved: jobs.Moved | None) -> None:
         request(svc)
 
 
-def concurrency_refused(svc: Services) -> None:
-    """Wiro said 96/429 to a Run: halve the limit in force (multiplicative decrease)."""
+def concurrency_refused(svc: Services, job_id: uuid.UUID | None = None) -> None:
+    """Wiro said 96/429 to a Run: halve the limit in force (multiplicative decrease).
+
+    The refused job's Run was sent under the limit it was admitted with; when the limit in
+    force is already below that, an earlier refusal of the same burst has halved it, and
+    halving again would punish one overload twice.
+    """
     cap = svc.settings.wiro_max_in_flight
     with transaction(svc.sessions) as s:
-        s.execute(
+        sent_under = None if job_id is None else _admitted_under(s, job_id)
+        decreased = s.execute(
             text(
                 """
-                INSERT INTO wiro_admission (id, limit_in_force, successes, updated_at)
-                VALUES (1, greatest(1, :cap / 2), 0, now())
+                INSERT INTO wiro_admission (id, limit_in_force, successes, ceiling, updated_at)
+                VALUES (1, greatest(1, :cap / 2), 0, :cap, now())
                 ON CONFLICT (id) DO UPDATE SET
                     limit_in_force = greatest(1, least(wiro_admission.limit_in_force, :cap) / 2),
+                    ceiling = least(wiro_admission.limit_in_force, :cap),
                     successes = 0, updated_at = now()
+                WHERE CAST(:sent AS integer) IS NULL
+                   OR least(wiro_admission.limit_in_force, :cap) >= CAST(:sent AS integer)
+                RETURNING limit_in_force, ceiling
                 """
             ),
-            {"cap": cap},
-        )
-    log.warning("admission_limit_decreased")
+            {"cap": cap, "sent": sent_under},
+        ).first()
+    if decreased is not None:
+        log.warning("admission_limit_decreased", limit=decreased[0], ceiling=decreased[1])
+
+
+def _admitted_under(s: Session, job_id: uuid.UUID) -> int | None:
+    """The limit in force when the job was last admitted (from its timeline)."""
+    value = s.execute(
+        text(
+            """
+            SELECT detail->>'limit' FROM job_events
+            WHERE job_id = :j AND to_status = 'submitting' AND detail->>'limit' IS NOT NULL
+            ORDER BY id DESC LIMIT 1
+            """
+        ),
+        {"j": job_id},
+    ).scalar_one_or_none()
+    return None if value is None else int(value)
 
 
 def run_accepted(svc: Services) -> None:
-    """Wiro took a Run: count it; every N in a row raise the limit by one (additive)."""
+    """Wiro took a Run: count it; every N in a row raise the limit by one (additive).
+
+    The step onto the ceiling (where Wiro last refused) needs ``probe_after`` Runs instead
+    of N; taking it clears the ceiling, and a refusal there sets it again.
+    """
     cap = svc.settings.wiro_max_in_flight
-    every = svc.settings.wiro_admission_increase_after
     with transaction(svc.sessions) as s:
         s.execute(
             text(
                 """
+                WITH step AS (
+                    SELECT successes + 1 >= CASE
+                        WHEN ceiling IS NOT NULL AND limit_in_force + 1 >= ceiling
+                        THEN :probe ELSE :every END AS up
+                    FROM wiro_admission WHERE id = 1
+                )
                 UPDATE wiro_admission SET
-                    limit_in_force = CASE WHEN successes + 1 >= :every
+                    limit_in_force = CASE WHEN step.up
                         THEN least(:cap, limit_in_force + 1) ELSE limit_in_force END,
-                    successes = CASE WHEN successes + 1 >= :every THEN 0 ELSE successes + 1 END,
+                    successes = CASE WHEN step.up THEN 0 ELSE successes + 1 END,
+                    ceiling = CASE WHEN step.up AND limit_in_force + 1 >= ceiling
+                        THEN NULL ELSE ceiling END,
                     updated_at = now()
+                FROM step
                 WHERE id = 1 AND limit_in_force < :cap
                 """
             ),
-            {"cap": cap, "every": every},
+            {
+                "cap": cap,
+                "every": svc.settings.wiro_admission_increase_after,
+                "probe": svc.settings.wiro_admission_probe_after,
+            },
         )
+
+
+@dataclass(frozen=True)
+class QueueEstimate:
+    """Where a queued job stands: how many jobs admission takes before it, and when it
+    may start if jobs keep leaving Wiro at the recent pace."""
+
+    position: int
+    estimated_start_at: datetime | None
+
+
+# A queued job's turn is (its owner's jobs in flight) + (its rank in its owner's queue).
+# Ahead of it: its owner's jobs before it, and of every other owner with queued jobs those
+# whose turn is not later (ties counted as ahead: the estimate errs late). The owners are
+# found by a loose index scan and each one's count stops at the turn, so the cost grows with
+# the number of owners and the job's rank, never with the whole queue.
+_POSITION = text(
+    """
+    WITH RECURSIVE me AS (
+        SELECT count(*) AS ahead FROM jobs
+        WHERE status = 'queued' AND owner = :owner
+          AND (priority > :priority
+               OR (priority = :priority AND (created_at, id) < (:created_at, :id)))
+    ),
+    turn AS (
+        SELECT (SELECT ahead FROM me) + 1 + (
+            SELECT count(*) FROM jobs
+            WHERE status IN ('submitting', 'running') AND owner = :owner) AS t
+    ),
+    owners AS (
+        (SELECT owner FROM jobs WHERE status = 'queued' ORDER BY owner LIMIT 1)
+        UNION ALL
+        SELECT (SELECT j.owner FROM jobs j
+                WHERE j.status = 'queued' AND j.owner > o.owner ORDER BY j.owner LIMIT 1)
+        FROM owners o WHERE o.owner IS NOT NULL
+    ),
+    others AS (
+        SELECT o.owner, greatest(0, (SELECT t FROM turn) - (
+            SELECT count(*) FROM jobs
+            WHERE status IN ('submitting', 'running') AND owner = o.owner)) AS room
+        FROM owners o WHERE o.owner IS NOT NULL AND o.owner <> :owner
+    )
+    SELECT (SELECT ahead FROM me) + coalesce((
+        SELECT sum(c.n) FROM others x CROSS JOIN LATERAL (
+            SELECT count(*) AS n FROM (
+                SELECT 1 FROM jobs
+                WHERE status = 'queued' AND owner = x.owner
+                ORDER BY priority DESC, created_at, id
+                LIMIT x.room) q
+        ) c
+    ), 0)
+    """
+)
+
+# Recent time at Wiro per job (Run sent to finished), from the last 50 successes.
+_RECENT_DURATION = text(
+    """
+    SELECT avg(extract(epoch FROM finished_at - run_sent_at)) FROM (
+        SELECT finished_at, run_sent_at FROM jobs
+        WHERE status = 'succeeded' AND run_sent_at IS NOT NULL
+        ORDER BY finished_at DESC LIMIT 50
+    ) recent
+    """
+)
+
+
+def queue_estimate(s: Session, job: Job, *, cap: int) -> QueueEstimate:
+    """Position and estimated start of a queued ``job`` (a Job row), as things stand now."""
+    position = int(
+        s.execute(
+            _POSITION,
+            {
+                "owner": job.owner,
+                "priority": job.priority,
+                "created_at": job.created_at,
+                "id": job.id,
+            },
+        ).scalar_one()
+    )
+    limit = _limit(s, cap)
+    in_flight = _in_flight(s)
+    now = s.execute(text("SELECT now()")).scalar_one()
+    free = max(0, limit - in_flight)
+    if position < free:
+        return QueueEstimate(position=position, estimated_start_at=now)
+    duration = s.execute(_RECENT_DURATION).scalar_one_or_none()
+    if duration is None:
+        return QueueEstimate(position=position, estimated_start_at=None)
+    # Slots free at about limit / duration per second; this job needs (position - free + 1).
+    wait_s = (position - free + 1) * float(duration) / limit
+    return QueueEstimate(position=position, estimated_start_at=now + timedelta(seconds=wait_s))

@@ -12,6 +12,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from service.models import ApiKey
+from service.ratelimit import parse_rate
 
 KEY_PREFIX = "dg_"
 ROLES = ("client", "admin")
@@ -24,6 +25,8 @@ class Principal:
     key_id: uuid.UUID
     owner: str
     role: str
+    # The key's submit rate ("10/second"), None for no limit.
+    submit_rate_limit: str | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -42,6 +45,20 @@ class IssuedKey:
     webhook_secret: str
 
 
+@dataclass(frozen=True)
+class KeyLimits:
+    """A key's own admission limits; None means none beyond the service's."""
+
+    max_in_flight: int | None = None
+    submit_rate_limit: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        if self.submit_rate_limit is not None:
+            parse_rate(self.submit_rate_limit)
+
+
 def hash_key(key: str) -> str:
     """The stored form of an API key (keys are long random strings: no salt needed)."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -52,7 +69,9 @@ def new_webhook_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def create_key(session: Session, *, owner: str, role: str = "client") -> IssuedKey:
+def create_key(
+    session: Session, *, owner: str, role: str = "client", limits: KeyLimits | None = None
+) -> IssuedKey:
     """Create a key; the caller shows ``key`` and ``webhook_secret`` once."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}")
@@ -67,6 +86,8 @@ def create_key(session: Session, *, owner: str, role: str = "client") -> IssuedK
         key_hash=hash_key(key),
         prefix=key[:10],
         webhook_secret=new_webhook_secret(),
+        max_in_flight=limits.max_in_flight if limits else None,
+        submit_rate_limit=limits.submit_rate_limit if limits else None,
     )
     session.add(row)
     session.flush()
@@ -76,11 +97,15 @@ def create_key(session: Session, *, owner: str, role: str = "client") -> IssuedK
 def authenticate(session: Session, key: str) -> Principal | None:
     """The principal of a live key, or None for an unknown or revoked one."""
     row = session.execute(
-        select(ApiKey.id, ApiKey.owner, ApiKey.role).where(
+        select(ApiKey.id, ApiKey.owner, ApiKey.role, ApiKey.submit_rate_limit).where(
             ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)
         )
     ).one_or_none()
-    return None if row is None else Principal(key_id=row.id, owner=row.owner, role=row.role)
+    if row is None:
+        return None
+    return Principal(
+        key_id=row.id, owner=row.owner, role=row.role, submit_rate_limit=row.submit_rate_limit
+    )
 
 
 def find(session: Session, ident: str) -> ApiKey | None:
@@ -98,6 +123,17 @@ def revoke(session: Session, key_id: uuid.UUID) -> bool:
         update(ApiKey)
         .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
         .values(revoked_at=func.now())
+        .returning(ApiKey.id)
+    )
+    return result.scalar_one_or_none() is not None
+
+
+def set_limits(session: Session, key_id: uuid.UUID, limits: KeyLimits) -> bool:
+    """Replace a key's own limits (None clears one); True if the key exists."""
+    result = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id)
+        .values(max_in_flight=limits.max_in_flight, submit_rate_limit=limits.submit_rate_limit)
         .returning(ApiKey.id)
     )
     return result.scalar_one_or_none() is not None

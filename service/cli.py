@@ -186,17 +186,50 @@ def keys() -> None:
     """Create, list and revoke API keys (stored as hashes; a key is shown once)."""
 
 
+MAX_IN_FLIGHT_HELP = "At most this many of the key's jobs at Wiro at once ('none': no own limit)."
+RATE_LIMIT_HELP = "Submits allowed per window, e.g. 10/second or 600/minute ('none': no limit)."
+
+
+def _limit_option(value: str | None, current: Any, convert: Any) -> Any:
+    """An option of `keys create/update`: absent keeps ``current``, 'none' clears it."""
+    if value is None:
+        return current
+    if value.strip().lower() in ("", "none"):
+        return None
+    try:
+        return convert(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _key_limits(max_in_flight: str | None, rate_limit: str | None, current: Any) -> Any:
+    from service import auth
+
+    try:
+        return auth.KeyLimits(
+            max_in_flight=_limit_option(max_in_flight, current.max_in_flight, int),
+            submit_rate_limit=_limit_option(rate_limit, current.submit_rate_limit, str),
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
 @keys.command("create")
 @click.option("--owner", required=True, help="The app or person the key belongs to.")
 @click.option("--admin", is_flag=True, help="An admin key (ops routes, every owner's jobs).")
+@click.option("--max-in-flight", metavar="N", help=MAX_IN_FLIGHT_HELP)
+@click.option("--rate-limit", metavar="RATE", help=RATE_LIMIT_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="Print the key alone.")
-def keys_create(owner: str, admin: bool, quiet: bool) -> None:
+def keys_create(
+    owner: str, admin: bool, max_in_flight: str | None, rate_limit: str | None, quiet: bool
+) -> None:
     """Create a key and print it, with its webhook signing secret, once."""
     from service import auth
     from service.db import transaction
 
+    limits = _key_limits(max_in_flight, rate_limit, auth.KeyLimits())
     with transaction(_sessions()) as s:
-        issued = auth.create_key(s, owner=owner, role="admin" if admin else "client")
+        issued = auth.create_key(s, owner=owner, role="admin" if admin else "client", limits=limits)
     if quiet:
         click.echo(issued.key)
         return
@@ -210,17 +243,39 @@ def keys_create(owner: str, admin: bool, quiet: bool) -> None:
 
 @keys.command("list")
 def keys_list() -> None:
-    """Every key: id, prefix, owner, role, created, revoked."""
+    """Every key: id, prefix, owner, role, created, revoked, own limits."""
     from service import auth
     from service.db import transaction
 
     with transaction(_sessions()) as s:
         for k in auth.list_keys(s):
             state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "live"
+            limits = f"max_in_flight={k.max_in_flight or '-'} rate={k.submit_rate_limit or '-'}"
             click.echo(
                 f"{k.id}  {k.prefix}…  {k.owner:<20} {k.role:<6} "
-                f"{k.created_at:%Y-%m-%d %H:%M}  {state}"
+                f"{k.created_at:%Y-%m-%d %H:%M}  {state}  {limits}"
             )
+
+
+@keys.command("update")
+@click.argument("key_id")
+@click.option("--max-in-flight", metavar="N", help=MAX_IN_FLIGHT_HELP)
+@click.option("--rate-limit", metavar="RATE", help=RATE_LIMIT_HELP)
+def keys_update(key_id: str, max_in_flight: str | None, rate_limit: str | None) -> None:
+    """Change a key's own limits (an option not given keeps its value)."""
+    from service import auth
+    from service.db import transaction
+
+    with transaction(_sessions()) as s:
+        row = auth.find(s, key_id)
+        if row is None:
+            raise click.ClickException(f"no single key matches {key_id!r}")
+        limits = _key_limits(max_in_flight, rate_limit, row)
+        auth.set_limits(s, row.id, limits)
+    click.echo(
+        f"{row.id}: max_in_flight={limits.max_in_flight or '-'} "
+        f"rate={limits.submit_rate_limit or '-'}"
+    )
 
 
 @keys.command("revoke")

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import make_engine, make_sessionmaker
 from service.queue import TaskQueue, make_celery
+from service.ratelimit import SubmitRateLimiter
 from service.settings import Settings
 from service.storage import Storage
 from service.wiro import WiroClient
@@ -24,6 +25,7 @@ class Services:
     sessions: sessionmaker[Session]
     storage: Storage
     queue: TaskQueue
+    rate_limiter: SubmitRateLimiter
     wiro: WiroClient = field(repr=False)
     # For Wiro's output URLs (public CDN files), not for Wiro's API.
     http: httpx.Client = field(repr=False)
@@ -49,6 +51,7 @@ def build_services(settings: Settings, *, pool_size: int = 5) -> Services:
             bucket=settings.s3_bucket,
         ),
         queue=TaskQueue(make_celery(settings.redis_url)),
+        rate_limiter=SubmitRateLimiter(settings.redis_url),
         wiro=WiroClient(
             base_url=settings.wiro_base_url,
             api_key=settings.wiro_api_key.get_secret_value(),

@@ -63,6 +63,7 @@ class Submission:
     webhook_url: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     webhook_events: list[str] | None = None
+    priority: str = "normal"
 
     def fingerprint(self) -> str:
         """A hash of everything the request asks for; uploads count by their bytes."""
@@ -84,7 +85,9 @@ class Submission:
                 self.metadata,
                 self.webhook_events,
                 images,
-            ],
+            ]
+            # Only when set, so keys stored before priority existed still match.
+            + ([self.priority] if self.priority != "normal" else []),
             sort_keys=True,
             separators=(",", ":"),
         )
@@ -214,6 +217,7 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
                 webhook_events=sub.webhook_events,
                 metadata=sub.metadata,
                 inputs=inputs,
+                priority=sub.priority,
             )
             if caller.idempotency_key and not _claim_key(s, caller, request_hash, job_id):
                 raise _LostRace

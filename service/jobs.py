@@ -87,6 +87,11 @@ def token_matches(token: str, stored_hash: str) -> bool:
     return hmac.compare_digest(hash_token(token), stored_hash)
 
 
+# A job's priority as the API names it, and as stored (higher goes first within an owner).
+PRIORITIES = {"low": -1, "normal": 0, "high": 1}
+PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
+
+
 def create(
     session: Session,
     *,
@@ -100,6 +105,7 @@ def create(
     inputs: Sequence[NewInput],
     api_key_id: uuid.UUID | None = None,
     webhook_events: list[str] | None = None,
+    priority: str = "normal",
 ) -> None:
     """Insert a queued job, its inputs in order, and the first timeline event."""
     session.execute(
@@ -114,6 +120,7 @@ def create(
             scale=scale,
             webhook_url=webhook_url,
             metadata_=metadata,
+            priority=PRIORITIES[priority],
             enqueued_at=func.now(),
         )
     )

@@ -76,8 +76,17 @@ class ApiKey(Base):
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Admission: at most this many of the key's jobs at Wiro at once (None: no own limit).
+    max_in_flight: Mapped[int | None] = mapped_column(Integer)
+    # Submits allowed per window, in the ``limits`` notation ("10/second", "600/minute").
+    submit_rate_limit: Mapped[str | None] = mapped_column(String(32))
 
-    __table_args__ = (CheckConstraint("role IN ('client','admin')", name="role"),)
+    __table_args__ = (
+        CheckConstraint("role IN ('client','admin')", name="role"),
+        CheckConstraint(
+            "max_in_flight IS NULL OR max_in_flight >= 1", name="max_in_flight_positive"
+        ),
+    )
 
 
 class IdempotencyKey(Base):
@@ -112,6 +121,8 @@ class Job(Base):
     steps: Mapped[int] = mapped_column(Integer, nullable=False)
     scale: Mapped[Decimal] = mapped_column(Numeric(6, 3), nullable=False)
     webhook_url: Mapped[str | None] = mapped_column(Text)
+    # -1 low, 0 normal, 1 high: orders one owner's queued jobs, never across owners.
+    priority: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="0")
     metadata_: Mapped[dict[str, Any]] = mapped_column(
         "metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")
     )
@@ -158,6 +169,7 @@ class Job(Base):
             "'succeeded','failed','canceled')",
             name="valid",
         ),
+        CheckConstraint("priority IN (-1, 0, 1)", name="priority"),
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index(
             "ix_jobs_running_next_poll",
@@ -172,11 +184,22 @@ class Job(Base):
             postgresql_where=text("status IN ('submitting', 'running')"),
         ),
         Index(
-            "ix_jobs_queued_owner_created",
+            "ix_jobs_queued_owner_priority",
             "owner",
+            text("priority DESC"),
             "created_at",
             "id",
             postgresql_where=text("status = 'queued'"),
+        ),
+        Index(
+            "ix_jobs_in_flight_key",
+            "api_key_id",
+            postgresql_where=text("status IN ('submitting', 'running')"),
+        ),
+        Index(
+            "ix_jobs_finished_at",
+            "finished_at",
+            postgresql_where=text("status = 'succeeded' AND run_sent_at IS NOT NULL"),
         ),
         Index(
             "ix_jobs_active_updated",
@@ -305,6 +328,8 @@ class WiroAdmission(Base):
     id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
     limit_in_force: Mapped[int] = mapped_column(Integer, nullable=False)
     successes: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # The limit in force when Wiro last refused a Run; reaching it again is a rare probe.
+    ceiling: Mapped[int | None] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )

@@ -169,7 +169,7 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
     """
     busy = _is_concurrency(exc)
     if busy:
-        admission.concurrency_refused(svc)
+        admission.concurrency_refused(svc, job.id)
     age = (datetime.now(UTC) - job.created_at).total_seconds()
     if not busy and age > svc.settings.submit_deadline_s:
         with transaction(svc.sessions) as s:

@@ -43,9 +43,11 @@ class Settings(BaseSettings):
     # How long a job may keep being refused by Wiro (busy, rate-limited) before it fails.
     submit_deadline_s: float = Field(3600.0, gt=0)
     # Admission to Wiro: at most this many jobs in submitting or running at once (the
-    # limit in force halves on code 96/429 and climbs back by one per N accepted Runs).
+    # limit in force halves on code 96/429 and climbs back by one per N accepted Runs;
+    # back to the level Wiro last refused at only after PROBE_AFTER accepted Runs).
     wiro_max_in_flight: int = Field(8, ge=1)
     wiro_admission_increase_after: int = Field(10, ge=1)
+    wiro_admission_probe_after: int = Field(500, ge=1)
     finalize_attempts: int = Field(5, ge=1)
     output_read_timeout_s: float = Field(60.0, gt=0)
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.jobs import PRIORITY_NAMES
 from service.models import Job, JobStatus
 from service.storage import Storage
 
@@ -81,6 +82,18 @@ class JobOut(BaseModel):
     webhook_url: str | None
     webhook_events: list[str] | None = None
     metadata: dict[str, Any]
+    priority: Literal["low", "normal", "high"] = "normal"
+    queue_position: int | None = Field(
+        None,
+        description="While queued (GET of one job): how many jobs admission to Wiro takes "
+        "before this one as things stand (0: next). Other owners' jobs share the slots "
+        "round-robin, so the count may shrink or grow as they submit and finish.",
+    )
+    estimated_start_at: datetime | None = Field(
+        None,
+        description="While queued: when the job should reach Wiro if jobs keep leaving at "
+        "the pace of the last 50 (absent without such history).",
+    )
     wiro: WiroInfo
     inputs: list[InputOut] | None = None
     outputs: list[OutputOut]
@@ -103,6 +116,7 @@ def job_out(job: Job, storage: Storage, ttl_s: int, *, full: bool) -> JobOut:
         webhook_url=job.webhook_url,
         webhook_events=job.webhook_events,
         metadata=job.metadata_,
+        priority=PRIORITY_NAMES.get(job.priority, "normal"),
         wiro=WiroInfo(
             taskid=job.wiro_taskid,
             status=job.wiro_status,

@@ -39,6 +39,11 @@ class EditParams(BaseModel):
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="Your own JSON object, returned as given (≤ 16 KiB)."
     )
+    priority: Literal["low", "normal", "high"] = Field(
+        "normal",
+        description="Orders this key owner's own queued jobs (high first); it never moves "
+        "a job ahead of another owner's.",
+    )
 
     @field_validator("prompt")
     @classmethod

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from starlette.datastructures import UploadFile
 
-from service import intake, jobs, live, pipeline
+from service import admission, intake, jobs, live, pipeline
 from service.api.deps import PrincipalDep, ServicesDep
 from service.api.errors import ProblemError, responses
 from service.api.schemas import (
@@ -49,6 +49,7 @@ MULTIPART_SCHEMA: dict[str, Any] = {
         "scale": {"type": "number", "default": 3.5},
         "webhook_url": {"type": "string", "format": "uri"},
         "metadata": {"type": "string", "description": "A JSON object, as text."},
+        "priority": {"type": "string", "enum": ["low", "normal", "high"], "default": "normal"},
         "webhook_events": {
             "type": "array",
             "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
@@ -64,7 +65,12 @@ def _load(svc: Services, job_id: uuid.UUID, who: Principal) -> JobOut:
         # Another owner's job is as absent as a missing one: no 403 that confirms it exists.
         if job is None or (job.owner != who.owner and not who.is_admin):
             raise ProblemError(404, "job_not_found", f"no job {job_id}")
-        return job_out(job, svc.storage, svc.settings.presign_ttl_s, full=True)
+        out = job_out(job, svc.storage, svc.settings.presign_ttl_s, full=True)
+        if out.status is JobStatus.queued:
+            estimate = admission.queue_estimate(s, job, cap=svc.settings.wiro_max_in_flight)
+            out.queue_position = estimate.position
+            out.estimated_start_at = estimate.estimated_start_at
+        return out
 
 
 PREFER_HEADER = Header(
@@ -185,7 +191,26 @@ def _submission(params: EditParams, images: list[intake.Upload | str]) -> intake
         webhook_url=str(params.webhook_url) if params.webhook_url else None,
         metadata=params.metadata,
         webhook_events=sorted(set(params.webhook_events)) if params.webhook_events else None,
+        priority=params.priority,
     )
+
+
+async def _within_rate(svc: Services, who: Principal) -> None:
+    """429 with Retry-After when the key has used up its submit rate."""
+    assert who.submit_rate_limit is not None
+    decision = await run_in_threadpool(svc.rate_limiter.hit, str(who.key_id), who.submit_rate_limit)
+    if not decision.allowed:
+        raise ProblemError(
+            429,
+            "rate_limited",
+            f"this key may submit {who.submit_rate_limit}; retry after {decision.retry_after_s} s",
+            headers={
+                "Retry-After": str(decision.retry_after_s),
+                "RateLimit-Limit": str(decision.limit),
+                "RateLimit-Remaining": str(decision.remaining),
+                "RateLimit-Reset": str(decision.retry_after_s),
+            },
+        )
 
 
 @router.post(
@@ -198,11 +223,11 @@ def _submission(params: EditParams, images: list[intake.Upload | str]) -> intake
         "`image_urls`; also `application/json` with `image_urls`) with a prompt. The first "
         "image is the one edited; the others are references. Answers 202 with the job and "
         "its `Location`. With `Prefer: wait=N` the answer waits up to N seconds for the job "
-        "to finish."
+        "to finish. A key with a submit rate gets 429 with `Retry-After` past it."
     ),
     responses={
         202: {"description": "Accepted", "headers": PREFERENCE_APPLIED},
-        **responses(400, 401, 413, 415, 422, 503),
+        **responses(400, 401, 413, 415, 422, 429, 503),
     },
     openapi_extra={
         "requestBody": {
@@ -229,6 +254,8 @@ async def create_job(
     ] = None,
     prefer: Annotated[str | None, PREFER_HEADER] = None,
 ) -> Any:
+    if who.submit_rate_limit:
+        await _within_rate(svc, who)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         sub = await _parse_multipart(request, svc)
