@@ -1,12 +1,16 @@
 """Admission to Wiro on real servers: the in-flight limit (WIRO_MAX_IN_FLIGHT=3 in tests),
-fairness between owners, adapting to a hidden lower limit at Wiro, and slots a lost worker
+fairness between owners, priority within an owner, per-key limits (in flight and submit
+rate), queue positions, adapting to a hidden lower limit at Wiro, and slots a lost worker
 held coming back."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -14,18 +18,21 @@ import httpx
 import pytest
 from sqlalchemy import Engine, text
 
-from service import jobs
+from service import admission, auth, jobs
+from service.container import Services, build_services
 from service.db import make_sessionmaker, transaction
 from service.models import JobStatus as S
-from tests.conftest import sample, upload_files, wait_for, wait_status
+from service.settings import Settings
+from service.stack import Stack
+from tests.conftest import client_for, sample, upload_files, wait_for, wait_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean")]
 
 LIMIT = 3  # WIRO_MAX_IN_FLIGHT in TEST_SETTINGS
 
 
-def submit(api: httpx.Client) -> str:
-    r = api.post("/v1/jobs", files=upload_files(sample(1), sample(2)), data={"prompt": "p"})
+def submit(api: httpx.Client, **data: str) -> str:
+    r = api.post("/v1/jobs", files=upload_files(sample(1), sample(2)), data={"prompt": "p", **data})
     assert r.status_code == 202, r.text
     return str(r.json()["id"])
 
@@ -39,12 +46,53 @@ def stats(sim: httpx.Client) -> dict[str, Any]:
     return result
 
 
-def in_flight(engine: Engine) -> int:
+def in_flight(engine: Engine, *, key_id: uuid.UUID | None = None) -> int:
+    where = "" if key_id is None else " AND api_key_id = :k"
     with engine.connect() as conn:
         n = conn.execute(
-            text("SELECT count(*) FROM jobs WHERE status IN ('submitting', 'running')")
+            text(f"SELECT count(*) FROM jobs WHERE status IN ('submitting', 'running'){where}"),
+            {"k": key_id},
         ).scalar_one()
     return int(n)
+
+
+class Peak:
+    """The largest value ``read`` returned, sampled every 50 ms while in the block."""
+
+    def __init__(self, read: Callable[[], int]) -> None:
+        self.read, self.value = read, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.value = max(self.value, self.read())
+            time.sleep(0.05)
+
+    def __enter__(self) -> Peak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def new_key(engine: Engine, owner: str, **limits: Any) -> auth.IssuedKey:
+    with transaction(make_sessionmaker(engine)) as s:
+        return auth.create_key(s, owner=owner, limits=auth.KeyLimits(**limits))
+
+
+def fill_the_slots(api: httpx.Client, engine: Engine) -> list[str]:
+    """LIMIT long jobs of ``api``'s owner, once all of them are at Wiro."""
+    ids = [submit(api) for _ in range(LIMIT)]
+    wait_for(lambda: in_flight(engine) == LIMIT, what="every slot taken")
+    return ids
+
+
+def job(api: httpx.Client, job_id: str) -> dict[str, Any]:
+    result: dict[str, Any] = api.get(f"/v1/jobs/{job_id}").json()
+    return result
 
 
 def wait_all(api: httpx.Client, ids: list[str], timeout: float) -> list[dict[str, Any]]:
@@ -61,29 +109,15 @@ def test_no_more_than_the_limit_at_wiro_and_all_succeed(
     api: httpx.Client, sim: httpx.Client, engine: Engine
 ) -> None:
     configure(sim, task_duration_s=1.5)
-    peak_db = 0
-    stop = threading.Event()
-
-    def watch() -> None:
-        nonlocal peak_db
-        while not stop.is_set():
-            peak_db = max(peak_db, in_flight(engine))
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
+    with Peak(lambda: in_flight(engine)) as peak:
         ids = [submit(api) for _ in range(15)]
         done = wait_all(api, ids, timeout=60)
-    finally:
-        stop.set()
-        watcher.join()
 
     assert [j["status"] for j in done] == ["succeeded"] * 15
     s = stats(sim)
-    print(f"\npeak at Wiro {s['peak_concurrency']}, peak in flight {peak_db}, limit {LIMIT}")
+    print(f"\npeak at Wiro {s['peak_concurrency']}, peak in flight {peak.value}, limit {LIMIT}")
     assert s["peak_concurrency"] <= LIMIT
-    assert peak_db <= LIMIT
+    assert peak.value <= LIMIT
     assert s["run_calls"] == s["tasks_created"] == 15  # no Run refused, none sent twice
 
 
@@ -195,3 +229,192 @@ def test_slots_held_by_a_lost_worker_come_back_through_the_sweep(
         reasons = [e["detail"].get("reason") for e in job["timeline"] if e["to"] == "queued"]
         assert "worker lost before Run was sent" in reasons
     wait_for(lambda: in_flight(engine) == 0, timeout=10, what="every slot free")
+
+
+def test_priority_orders_an_owners_queue_and_positions_follow_it(
+    api: httpx.Client, sim: httpx.Client, engine: Engine
+) -> None:
+    configure(sim, task_duration_s=2.0)
+    fillers = fill_the_slots(api, engine)
+    low = submit(api, priority="low")
+    normal = submit(api)
+    high = submit(api, priority="high")
+
+    shown = {name: job(api, i) for name, i in [("low", low), ("normal", normal), ("high", high)]}
+    assert {n: j["priority"] for n, j in shown.items()} == {n: n for n in shown}
+    assert {n: j["queue_position"] for n, j in shown.items()} == {"high": 0, "normal": 1, "low": 2}
+
+    done = wait_all(api, [*fillers, low, normal, high], timeout=60)
+    assert [j["status"] for j in done] == ["succeeded"] * (LIMIT + 3)
+    low_job, normal_job, high_job = done[LIMIT:]
+    assert entered(high_job, "submitting") < entered(normal_job, "submitting")
+    assert entered(normal_job, "submitting") < entered(low_job, "submitting")
+    # Once a job has left the queue it has no position.
+    assert high_job["queue_position"] is None and high_job["estimated_start_at"] is None
+
+
+def test_queue_position_counts_other_owners_round_robin_and_estimates_a_start(
+    api: httpx.Client, other_api: httpx.Client, sim: httpx.Client, engine: Engine
+) -> None:
+    # One finished job gives the estimate a pace to go by.
+    assert wait_status(api, submit(api))["status"] == "succeeded"
+    configure(sim, task_duration_s=3.0)
+    fillers = fill_the_slots(api, engine)
+    a_queued = [submit(api) for _ in range(3)]
+    b_single = submit(other_api)
+
+    a_shown = [job(api, i) for i in a_queued]
+    b_shown = job(other_api, b_single)
+    # A holds every slot, so B's one job is next, ahead of A's queue (round-robin by owner).
+    assert b_shown["queue_position"] == 0
+    assert [j["queue_position"] for j in a_shown] == [1, 2, 3]
+    starts = [datetime.fromisoformat(j["estimated_start_at"]) for j in [b_shown, *a_shown]]
+    assert starts == sorted(starts)
+    assert starts[0] >= datetime.fromisoformat(b_shown["created_at"])
+    print(f"\nestimated starts: {[f'{s:%H:%M:%S.%f}' for s in starts]}")
+
+    for job_id in a_queued:
+        api.post(f"/v1/jobs/{job_id}/cancel")
+    assert wait_status(other_api, b_single, timeout=30)["status"] == "succeeded"
+    wait_all(api, fillers + a_queued, timeout=30)
+
+
+def test_a_key_at_its_max_in_flight_waits_while_other_keys_run(
+    stack: Stack, engine: Engine, sim: httpx.Client, other_api: httpx.Client
+) -> None:
+    configure(sim, task_duration_s=1.0)
+    issued = new_key(engine, "app-c", max_in_flight=1)
+    with (
+        client_for(stack, issued.key) as limited,
+        Peak(lambda: in_flight(engine, key_id=issued.id)) as peak,
+    ):
+        ids = [submit(limited) for _ in range(4)]
+        other = submit(other_api)
+        running = wait_status(other_api, other, {"running", "finalizing", "succeeded"})
+        with engine.connect() as conn:
+            c_queued = conn.execute(
+                text("SELECT count(*) FROM jobs WHERE api_key_id = :k AND status = 'queued'"),
+                {"k": issued.id},
+            ).scalar_one()
+        done = wait_all(limited, ids, timeout=60)
+
+    assert [j["status"] for j in done] == ["succeeded"] * 4
+    print(f"\nkey limit 1: peak {peak.value}; {c_queued} of its 4 queued when B's job ran")
+    assert peak.value == 1
+    # B's job did not wait for the limited key's queue, though free slots were left.
+    assert running["status"] in {"running", "finalizing", "succeeded"}
+    assert c_queued >= 2
+
+
+def test_a_key_past_its_submit_rate_gets_429_with_retry_after(
+    stack: Stack, engine: Engine, other_api: httpx.Client
+) -> None:
+    issued = new_key(engine, "app-r", submit_rate_limit="2/minute")
+    with client_for(stack, issued.key) as limited:
+        accepted = [submit(limited) for _ in range(2)]
+        r = limited.post("/v1/jobs", files=upload_files(sample(1), sample(2)), data={"prompt": "p"})
+
+    assert r.status_code == 429
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["code"] == "rate_limited" and "2/minute" in r.json()["detail"]
+    assert 1 <= int(r.headers["Retry-After"]) <= 60
+    assert r.headers["RateLimit-Remaining"] == "0"
+    with engine.connect() as conn:
+        stored = conn.execute(
+            text("SELECT count(*) FROM jobs WHERE api_key_id = :k"), {"k": issued.id}
+        ).scalar_one()
+    assert stored == len(accepted) == 2
+    submit(other_api)  # another key's rate is its own
+
+
+def test_keys_cli_sets_and_clears_a_keys_limits(stack: Stack) -> None:
+    def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", "keys", *args],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            check=check,
+        )
+
+    key = cli(
+        "create", "--owner", "cli-limits", "--max-in-flight", "2", "--rate-limit", "5/second", "-q"
+    ).stdout.strip()
+    line = next(ln for ln in cli("list").stdout.splitlines() if key[:10] in ln)
+    assert "max_in_flight=2 rate=5/second" in line
+
+    assert "max_in_flight=2 rate=-" in cli("update", key[:10], "--rate-limit", "none").stdout
+    assert "max_in_flight=- rate=-" in cli("update", key[:10], "--max-in-flight", "none").stdout
+
+    bad = cli("update", key[:10], "--rate-limit", "fast", check=False)
+    assert bad.returncode == 2 and "not a rate" in bad.stderr
+    bad = cli("update", key[:10], "--max-in-flight", "0", check=False)
+    assert bad.returncode == 2 and "at least 1" in bad.stderr
+
+
+@pytest.fixture
+def aimd(stack: Stack) -> Iterator[Services]:
+    """Services with a cap of 8, +1 per 2 accepted Runs, and the probe after 6."""
+    settings = Settings(
+        database_url=stack.env["DATABASE_URL"],
+        redis_url=stack.env["REDIS_URL"],
+        wiro_max_in_flight=8,
+        wiro_admission_increase_after=2,
+        wiro_admission_probe_after=6,
+    )
+    svc = build_services(settings, pool_size=1)
+    yield svc
+    svc.close()
+
+
+def admitted_job(svc: Services, limit: int) -> uuid.UUID:
+    """A job whose timeline says it was admitted under ``limit`` (left canceled, so that
+    no admission pass of the running stack picks it up)."""
+    job_id = uuid.uuid4()
+    with transaction(svc.sessions) as s:
+        jobs.create(
+            s, job_id=job_id, owner="aimd", prompt="p", steps=1, scale=1.0,
+            webhook_url=None, metadata={}, inputs=[jobs.NewInput(kind="url", url="http://127.0.0.2/1")],
+        )  # fmt: skip
+        s.execute(
+            text("UPDATE jobs SET status = 'canceled', finished_at = now() WHERE id = :j"),
+            {"j": job_id},
+        )
+        s.execute(
+            text(
+                "INSERT INTO job_events (job_id, from_status, to_status, detail) "
+                "VALUES (:j, 'queued', 'submitting', CAST(:d AS jsonb))"
+            ),
+            {"j": job_id, "d": f'{{"admitted": true, "limit": {limit}}}'},
+        )
+    return job_id
+
+
+def state(engine: Engine) -> tuple[int, int | None]:
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT limit_in_force, ceiling FROM wiro_admission")).one()
+    return int(row[0]), row[1]
+
+
+def test_aimd_halves_once_per_overload_and_probes_the_refused_level_rarely(
+    aimd: Services, engine: Engine
+) -> None:
+    admission.concurrency_refused(aimd, admitted_job(aimd, 8))
+    assert state(engine) == (4, 8)
+    # Two more refusals of the same burst (Runs sent under 8) do not halve again.
+    admission.concurrency_refused(aimd, admitted_job(aimd, 8))
+    admission.concurrency_refused(aimd, admitted_job(aimd, 8))
+    assert state(engine) == (4, 8)
+
+    seen = []
+    for _ in range(12):
+        admission.run_accepted(aimd)
+        seen.append(state(engine)[0])
+    # +1 per 2 Runs up to 7; the step onto 8, where Wiro refused, waits for 6 Runs.
+    assert seen == [4, 5, 5, 6, 6, 7, 7, 7, 7, 7, 7, 8]
+    assert state(engine) == (8, None)
+
+    # A refusal of a Run sent under the new limit halves it again.
+    admission.concurrency_refused(aimd, admitted_job(aimd, 8))
+    assert state(engine) == (4, 8)
+    assert admission.limit_in_force(aimd) == 4
