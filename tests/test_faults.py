@@ -150,6 +150,36 @@ def test_worker_killed_while_run_is_in_flight_gets_its_task_adopted(faults: Faul
     assert adopted, job["timeline"]
 
 
+def test_worker_killed_while_holding_every_slot_leaks_none(faults: FaultStack) -> None:
+    limit = int(TEST_SETTINGS["WIRO_MAX_IN_FLIGHT"])
+    # Wiro creates each task, then answers slowly; the worker dies holding every slot. The
+    # tasks outlast the kill (so the slots are still held), and end well within
+    # RUN_UNCERTAIN_WAIT_S, so their callbacks name them to the gateway.
+    hang = {"http_status": 200, "create_task": True, "hang_s": 3}
+    faults.sim.put(
+        "/_sim/config", json={"run_errors": [hang] * limit, "task_duration_s": 1.5}
+    ).raise_for_status()
+    ids = faults.submit(limit + 2)
+    wait_for(lambda: faults.sim.get("/_sim/stats").json()["run_calls"] == limit, what="every Run")
+
+    def count(status: str) -> int:
+        with faults.engine.connect() as conn:
+            n = conn.execute(
+                text("SELECT count(*) FROM jobs WHERE status = :s"), {"s": status}
+            ).scalar_one()
+        return int(n)
+
+    assert (count("submitting") + count("running"), count("queued")) == (limit, 2)
+    faults.stack.processes["worker"].kill()
+    faults.stack.start_worker()
+
+    faults.assert_all_correct(ids)
+    stats = faults.sim.get("/_sim/stats").json()
+    assert stats["peak_concurrency"] <= limit
+    assert stats["run_calls"] == stats["tasks_created"] == limit + 2
+    assert count("submitting") + count("running") == 0
+
+
 def test_job_claimed_by_a_worker_that_died_before_run_is_sent_again(
     faults: FaultStack,
 ) -> None:
