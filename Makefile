@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-fast lint format openapi migrate bench soak clean
+.PHONY: install run test test-fast lint format openapi migrate bench bench-admission soak clean
 
 install: $(STAMP)
 
@@ -47,6 +47,11 @@ soak: install
 ## BENCH_ARGS=--quick only checks they run; BENCH_ARGS="--only submit" runs one.
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
+
+## Admission on a stack of its own: peak vs limit, B's wait under A's 500-job burst,
+## Runs refused per 1,000 jobs under a hidden lower limit at Wiro (about 6 minutes).
+bench-admission: install
+	$(PY) -m bench.admission
 
 migrate: install
 	$(VENV)/bin/dreamgate migrate
