@@ -191,6 +191,11 @@ def transition(
     )
 
 
+# A callback named a task for a job whose Run is uncertain: kept so that the sweep can
+# adopt the task even if the callback's reconcile message is lost.
+CALLBACK_HINT = "callback_hint"
+
+
 def note(session: Session, job_id: uuid.UUID, kind: str, detail: dict[str, Any]) -> None:
     """Append a timeline event that is not a state change (e.g. an uncertain Run)."""
     session.execute(insert(JobEvent).values(job_id=job_id, kind=kind, detail=detail))
@@ -307,10 +312,28 @@ def stale(
     return list(claimed.scalars())
 
 
-def uncertain_runs(session: Session, *, older_than: timedelta, batch: int) -> list[uuid.UUID]:
+@dataclass(frozen=True)
+class UncertainRun:
+    """A Run that may have reached Wiro and has not named its task for too long."""
+
+    job_id: uuid.UUID
+    # The taskid a callback named (not yet verified), if one came.
+    hint: str | None
+    # Past twice the wait: even a hinted one is given up on.
+    expired: bool
+
+
+def uncertain_runs(session: Session, *, older_than: timedelta, batch: int) -> list[UncertainRun]:
     """Jobs whose Run may have reached Wiro but never told us a taskid, for too long."""
+    hint = (
+        select(JobEvent.detail["taskid"].astext)
+        .where(JobEvent.job_id == Job.id, JobEvent.kind == CALLBACK_HINT)
+        .order_by(JobEvent.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
     rows = session.execute(
-        select(Job.id)
+        select(Job.id, hint, Job.run_sent_at < func.now() - 2 * older_than)
         .where(
             Job.status == S.submitting,
             Job.wiro_taskid.is_(None),
@@ -319,7 +342,7 @@ def uncertain_runs(session: Session, *, older_than: timedelta, batch: int) -> li
         )
         .limit(batch)
     )
-    return list(rows.scalars())
+    return [UncertainRun(job_id=r[0], hint=r[1], expired=bool(r[2])) for r in rows]
 
 
 def counts_by_status(session: Session) -> dict[str, int]:

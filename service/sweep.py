@@ -69,15 +69,20 @@ def sweep(svc: Services) -> SweepReport:
     report.requeued_unsent = len(moved)
 
     # A Run that may have reached Wiro and never named its task: fail rather than risk two.
+    # One whose callback named a task (the reconcile it asked for may have been lost with a
+    # worker) is adopted through Task/Detail instead, until twice the wait has passed.
     with transaction(svc.sessions) as s:
         uncertain = jobs.uncertain_runs(
             s, older_than=timedelta(seconds=cfg.run_uncertain_wait_s), batch=cfg.sweep_batch
         )
+        hinted = [u for u in uncertain if u.hint and not u.expired]
         failed: list[jobs.Moved] = []
-        for job_id in uncertain:
+        for run in uncertain:
+            if run.hint and not run.expired:
+                continue
             if gave_up := jobs.transition(
                 s,
-                job_id,
+                run.job_id,
                 S.failed,
                 from_=[S.submitting],
                 detail={"reason": "run_uncertain"},
@@ -91,6 +96,8 @@ def sweep(svc: Services) -> SweepReport:
     for gave_up in failed:
         webhooks.announce(svc, gave_up)
     report.failed_uncertain = len(failed)
+    for run in hinted:
+        svc.queue.reconcile(run.job_id, source="sweep", taskid=run.hint)
 
     # Queued jobs into free slots: covers admission requests lost on the way (broker down,
     # worker killed before ack) and the slots the repairs above just freed.

@@ -150,6 +150,37 @@ def test_worker_killed_while_run_is_in_flight_gets_its_task_adopted(faults: Faul
     assert adopted, job["timeline"]
 
 
+def test_callback_naming_an_uncertain_runs_task_outlives_its_lost_message(
+    faults: FaultStack,
+) -> None:
+    # The worker dies waiting for the Run's answer; Wiro's callback names the task while no
+    # worker runs, and its reconcile message is lost with the broker's queue.
+    hang = {"http_status": 200, "create_task": True, "hang_s": 3}
+    faults.sim.put("/_sim/config", json={"run_errors": [hang]}).raise_for_status()
+    [job_id] = faults.submit()
+    wait_for(lambda: faults.sim.get("/_sim/stats").json()["run_calls"] == 1, what="the Run")
+    faults.stack.processes["worker"].kill()
+
+    def hinted() -> bool:
+        with faults.engine.connect() as conn:
+            n = conn.execute(
+                text(
+                    "SELECT count(*) FROM job_events WHERE job_id = :j AND kind = 'callback_hint'"
+                ),
+                {"j": job_id},
+            ).scalar_one()
+        return n > 0
+
+    wait_for(hinted, what="the callback's hint in the timeline")
+    redis.Redis.from_url(faults.stack.env["REDIS_URL"]).delete("dreamgate")
+    time.sleep(float(TEST_SETTINGS["RUN_UNCERTAIN_WAIT_S"]))  # past the wait: uncertain now
+    faults.stack.start_worker()
+
+    [job] = faults.assert_all_correct([job_id])
+    adopted = [e["detail"].get("adopted_from") for e in job["timeline"] if e["to"] == "running"]
+    assert adopted == ["sweep"], job["timeline"]
+
+
 def test_worker_killed_while_holding_every_slot_leaks_none(faults: FaultStack) -> None:
     limit = int(TEST_SETTINGS["WIRO_MAX_IN_FLIGHT"])
     # Wiro creates each task, then answers slowly; the worker dies holding every slot. The

@@ -43,9 +43,19 @@ def taskid_hint(body: bytes, content_type: str) -> str | None:
     return None
 
 
-def _check_token(svc: Services, job_id: uuid.UUID, token: str) -> None:
+def _check_token(svc: Services, job_id: uuid.UUID, token: str, hint: str | None) -> None:
     with transaction(svc.sessions) as s:
         job = jobs.get(s, job_id, full=False)
+        if (
+            job is not None
+            and hint
+            and job.status == S.submitting
+            and job.wiro_taskid is None
+            and job.run_sent_at is not None
+            and jobs.token_matches(token, job.callback_token_hash or "0" * 64)
+        ):
+            # The Run's answer never came: this callback is the only word of the task.
+            jobs.note(s, job_id, jobs.CALLBACK_HINT, {"taskid": hint})
     stored = job.callback_token_hash if job else None
     # Same work for unknown jobs and wrong tokens: the answer reveals nothing.
     if not jobs.token_matches(token, stored or "0" * 64) or job is None:
@@ -80,7 +90,7 @@ async def wiro_callback(
         if len(body) > MAX_BODY:
             raise ProblemError(413, "payload_too_large", "callback body too large")
     structlog.contextvars.bind_contextvars(job_id=str(job_id))
-    await run_in_threadpool(_check_token, svc, job_id, token)
     hint = taskid_hint(body, request.headers.get("content-type", ""))
+    await run_in_threadpool(_check_token, svc, job_id, token, hint)
     await run_in_threadpool(svc.queue.reconcile, job_id, source="callback", taskid=hint)
     return Accepted()
