@@ -18,7 +18,7 @@ from sqlalchemy import and_, case, func, or_, select, text
 from sqlalchemy.orm import Session, selectinload
 
 from service import jobs
-from service.models import ACTIVE, Job, JobStatus, WebhookDelivery, WebhookMessage
+from service.models import ACTIVE, Job, JobStatus, WebhookDelivery, WebhookMessage, WiroAdmission
 
 WINDOW = timedelta(hours=1)
 
@@ -129,7 +129,7 @@ def completion_sources(session: Session, window: timedelta = WINDOW) -> dict[str
 
 
 def stats(
-    session: Session, *, stuck_after: timedelta, window: timedelta = WINDOW
+    session: Session, *, stuck_after: timedelta, max_in_flight: int, window: timedelta = WINDOW
 ) -> dict[str, Any]:
     """Everything the dashboard's figures need, in one read."""
     since = func.now() - window
@@ -176,6 +176,22 @@ def stats(
         "stuck": stuck_jobs(session, older_than=stuck_after),
         "recent_failures": recent_failures(session),
         "failing_webhooks": failing_webhooks(session, window),
+        "admission": admission_state(session, max_in_flight, by_status),
+    }
+
+
+def admission_state(session: Session, setting: int, by_status: dict[str, int]) -> dict[str, Any]:
+    """The admission limit as set, as in force now, and the level Wiro last refused at."""
+    row = session.execute(
+        select(WiroAdmission.limit_in_force, WiroAdmission.ceiling).where(WiroAdmission.id == 1)
+    ).first()
+    in_force = setting if row is None else max(1, min(setting, row[0]))
+    return {
+        "setting": setting,
+        "limit_in_force": in_force,
+        "ceiling": None if row is None else row[1],
+        "in_flight": by_status.get("submitting", 0) + by_status.get("running", 0),
+        "queued": by_status.get("queued", 0),
     }
 
 

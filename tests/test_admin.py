@@ -88,6 +88,13 @@ def test_stats_match_a_known_set_of_jobs(
     assert r.status_code == 200, r.text
     stats = r.json()
 
+    assert stats["admission"] == {
+        "setting": 3,  # WIRO_MAX_IN_FLIGHT in the tests
+        "limit_in_force": 3,
+        "ceiling": None,
+        "in_flight": 0,
+        "queued": 0,
+    }
     assert stats["jobs_by_status"] == {
         "queued": 0,
         "submitting": 0,

@@ -113,6 +113,16 @@ class FailingWebhook(BaseModel):
     last_status_code: int | None
 
 
+class AdmissionState(BaseModel):
+    """Admission to Wiro now (README, "Admission to Wiro")."""
+
+    setting: int = Field(description="WIRO_MAX_IN_FLIGHT.")
+    limit_in_force: int = Field(description="The adaptive limit (halved on code 96/429).")
+    ceiling: int | None = Field(description="The level Wiro last refused at, if any.")
+    in_flight: int = Field(description="Jobs in submitting or running.")
+    queued: int
+
+
 class Stats(BaseModel):
     """The service's figures; latencies and throughput cover the last hour."""
 
@@ -129,6 +139,7 @@ class Stats(BaseModel):
     stuck: Stuck
     recent_failures: list[JobBrief]
     failing_webhooks: list[FailingWebhook]
+    admission: AdmissionState
 
 
 class AdminJob(JobBrief):
@@ -231,7 +242,11 @@ def _message(m: WebhookMessage) -> MessageOut:
 
 def _stats(svc: Services) -> dict[str, Any]:
     with transaction(svc.sessions) as s:
-        return ops.stats(s, stuck_after=timedelta(seconds=svc.settings.stuck_after_s))
+        return ops.stats(
+            s,
+            stuck_after=timedelta(seconds=svc.settings.stuck_after_s),
+            max_in_flight=svc.settings.wiro_max_in_flight,
+        )
 
 
 @router.get("/stats", response_model=Stats, summary="The service's figures")
