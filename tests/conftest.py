@@ -52,6 +52,8 @@ TEST_SETTINGS = {
     "WEBHOOK_TIMEOUT_S": "3",
     "LOG_LEVEL": "INFO",
     "WIRO_MAX_IN_FLIGHT": "3",
+    # Revocation tests revoke in the database and expect the next request refused.
+    "AUTH_CACHE_TTL_S": "0",
 }
 
 
