@@ -90,6 +90,21 @@ class HashingReader(io.RawIOBase):
         return self._hash.hexdigest()
 
 
+def _remaining(source: IO[bytes] | Iterator[bytes]) -> int | None:
+    """Bytes left in a seekable file from its position; None for a stream or iterator."""
+    seekable = getattr(source, "seekable", None)
+    if seekable is None or not seekable():
+        return None
+    file: IO[bytes] = source  # type: ignore[assignment]  # it has seekable(): a file
+    try:
+        start = file.tell()
+        end = file.seek(0, io.SEEK_END)
+        file.seek(start)
+    except (OSError, ValueError):
+        return None
+    return end - start
+
+
 class Storage:
     """One bucket on an S3-compatible server."""
 
@@ -159,6 +174,9 @@ class Storage:
         limit: int | None = None,
     ) -> StoredObject:
         """Stream ``source`` into ``key`` in bounded memory, hashing it on the way."""
+        size = _remaining(source)
+        if size is not None and size < TRANSFER.multipart_threshold:
+            return self._put_small(key, source, size, content_type=content_type, limit=limit)  # type: ignore[arg-type]  # _remaining said: a seekable file
         reader = HashingReader(source, limit=limit)
         started = time.perf_counter()
         try:
@@ -173,12 +191,42 @@ class Storage:
             metrics.observe_s3("put", "put", started, reader.size)
         return StoredObject(key=key, size=reader.size, sha256=reader.sha256)
 
+    def _put_small(
+        self, key: str, source: IO[bytes], size: int, *, content_type: str, limit: int | None
+    ) -> StoredObject:
+        """One PutObject for a seekable file below the multipart size.
+
+        upload_fileobj would build a TransferManager and a thread pool for each call; for
+        an upload of a few hundred KB that costs more than the PUT itself.
+        """
+        if limit is not None and size > limit:
+            raise TooLarge(f"more than {limit} bytes")
+        start = source.tell()
+        digest = hashlib.file_digest(source, "sha256")  # type: ignore[arg-type]  # a binary file
+        source.seek(start)
+        started = time.perf_counter()
+        try:
+            self._s3.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=source,
+                ContentLength=size,
+                ContentType=content_type,
+            )
+        finally:
+            metrics.observe_s3("put", "put", started, size)
+        return StoredObject(key=key, size=size, sha256=digest.hexdigest())
+
     def download_spooled(self, key: str) -> IO[bytes]:
         """The object in a seekable temp file (memory up to 4 MiB, then disk)."""
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - caller closes
         started = time.perf_counter()
         try:
-            self._s3.download_fileobj(self.bucket, key, spool, Config=TRANSFER)
+            # One streamed GET: inputs are at most MAX_IMAGE_BYTES, and download_fileobj's
+            # ranged parallel GETs (a thread pool per call) only pay off for large objects.
+            body = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"]
+            for chunk in body.iter_chunks(1024 * 1024):
+                spool.write(chunk)
         finally:
             metrics.observe_s3("get", "get", started, spool.tell())
         spool.seek(0)
