@@ -36,6 +36,9 @@ class Stack:
     ports: Ports = field(default_factory=Ports)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     worker_concurrency: int = 4
+    # Worker processes (threads pool each): one per core lets each consume and run tasks
+    # on its own GIL; the first is named "worker", the others "worker-2", "worker-3"...
+    worker_processes: int = 1
     postgres: EmbeddedPostgres | None = None
     redis: ManagedProcess | None = None
     s3: ManagedProcess | None = None
@@ -138,9 +141,9 @@ class Stack:
         return path.read_text().strip()
 
     def start_service(self) -> None:
-        """The gateway, one worker and beat."""
+        """The gateway, the workers and beat."""
         self.start_process("gateway", ["serve", "--port", str(self.ports.api)], self.ports.api)
-        self.start_worker()
+        self.start_workers()
         self.start_process(
             "beat", ["beat", "--schedule", str(self.data_dir / "beat-schedule")], None
         )
@@ -150,6 +153,23 @@ class Stack:
         return self.start_process(
             name, ["worker", "--concurrency", str(self.worker_concurrency), "--name", name], None
         )
+
+    @property
+    def worker_names(self) -> list[str]:
+        """The names of the stack's worker processes."""
+        return ["worker", *(f"worker-{n}" for n in range(2, self.worker_processes + 1))]
+
+    def start_workers(self) -> None:
+        """Every worker process of the stack."""
+        for name in self.worker_names:
+            self.start_worker(name)
+
+    def stop_workers(self) -> None:
+        """Stop every worker process of the stack (their unacked messages wait in Redis)."""
+        for name in self.worker_names:
+            proc = self.processes.get(name)
+            if proc is not None:
+                proc.stop()
 
     def start(self) -> None:
         """Everything, in dependency order."""
