@@ -90,6 +90,36 @@ class HashingReader(io.RawIOBase):
         return self._hash.hexdigest()
 
 
+def _read_up_to(reader: io.RawIOBase, n: int) -> bytes:
+    """Exactly ``n`` bytes from ``reader``, or fewer only at its end."""
+    out = bytearray()
+    while len(out) < n:
+        chunk = reader.read(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+class _Prefixed(io.RawIOBase):
+    """Bytes already read from a stream, then the rest of the stream."""
+
+    def __init__(self, head: bytes, rest: io.RawIOBase) -> None:
+        self._head: memoryview | None = memoryview(head)
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._head is not None:
+            n = min(len(b), len(self._head))
+            b[:n] = self._head[:n]
+            self._head = self._head[n:] if n < len(self._head) else None  # free it once read
+            return n
+        return self._rest.readinto(b) or 0
+
+
 def _remaining(source: IO[bytes] | Iterator[bytes]) -> int | None:
     """Bytes left in a seekable file from its position; None for a stream or iterator."""
     seekable = getattr(source, "seekable", None)
@@ -179,9 +209,24 @@ class Storage:
             return self._put_small(key, source, size, content_type=content_type, limit=limit)  # type: ignore[arg-type]  # _remaining said: a seekable file
         reader = HashingReader(source, limit=limit)
         started = time.perf_counter()
+        # A stream (an output being copied) that ends within one part is one PutObject;
+        # a longer one goes on, after the part already read, through the transfer manager.
+        head = _read_up_to(reader, TRANSFER.multipart_threshold)
+        if len(head) < TRANSFER.multipart_threshold:
+            try:
+                self._s3.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=head,
+                    ContentLength=len(head),
+                    ContentType=content_type,
+                )
+            finally:
+                metrics.observe_s3("put", "put", started, reader.size)
+            return StoredObject(key=key, size=reader.size, sha256=reader.sha256)
         try:
             self._s3.upload_fileobj(
-                io.BufferedReader(reader, buffer_size=1024 * 1024),
+                io.BufferedReader(_Prefixed(head, reader), buffer_size=1024 * 1024),
                 self.bucket,
                 key,
                 ExtraArgs={"ContentType": content_type},
