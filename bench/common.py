@@ -262,6 +262,26 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User+system CPU seconds used so far by each named process and its descendants."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        total = 0.0
+        try:
+            p = psutil.Process(pid)
+            procs = [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for q in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = q.cpu_times()
+                total += t.user + t.system
+        out[name] = total
+    return out
+
+
 def mib(n: float | None) -> float | None:
     """Bytes to MiB, rounded."""
     return None if n is None else round(n / 2**20, 1)
@@ -342,6 +362,21 @@ class Bench:
 
     def gateway_pid(self) -> int:
         return int(self.stack.processes["gateway"].proc.pid)
+
+    def pids(self) -> dict[str, int]:
+        """The stack's processes by name (gateway, workers, simulator, Redis, S3) and the
+        PostgreSQL backends serving the bench database now."""
+        out = {n: p.proc.pid for n, p in self.stack.processes.items() if p.proc is not None}
+        for name in ("redis", "s3"):
+            server = getattr(self.stack, name, None)
+            if server is not None and server.proc is not None:
+                out[name] = server.proc.pid
+        rows = self.sql(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        )
+        out.update({f"pg-{r[0]}": int(r[0]) for r in rows})
+        return out
 
     def stop_worker(self) -> None:
         """Stop every worker process."""
