@@ -134,16 +134,15 @@ def floor(bench: Bench, n: int) -> list[dict[str, float]]:
     return out
 
 
-def cpu_per_job(
-    pids: dict[str, int], before: dict[str, float], after: dict[str, float], jobs: int
-) -> dict[str, float]:
+def cpu_per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> dict[str, float]:
     """CPU ms per job of each kind of process (workers, PostgreSQL backends summed)."""
     out: dict[str, float] = {}
-    for name in pids:
-        if name in before and name in after:
-            kind = "postgres" if name.startswith("pg-") else name
-            kind = "workers" if kind.startswith("worker") else kind
-            out[kind] = out.get(kind, 0.0) + (after[name] - before[name])
+    for name, used in after.items():
+        pg = name.startswith("pg-")
+        if name not in before and not pg:
+            continue
+        kind = "postgres" if pg else ("workers" if name.startswith("worker") else name)
+        out[kind] = out.get(kind, 0.0) + used - before.get(name, 0.0)
     return {k: round(v * 1000 / max(jobs, 1), 1) for k, v in sorted(out.items())}
 
 
@@ -169,7 +168,8 @@ def run(bench: Bench) -> dict[str, Any]:
     submit_s = time.monotonic() - t0
     final = bench.wait_terminal(ids, timeout=30 if bench.quick else 180)
     drain_s = time.monotonic() - t0 - submit_s
-    cpu = cpu_per_job(pids, cpu0, cpu_seconds(pids), len(ids))
+    # Backends opened during the run count from zero (the pools open them lazily).
+    cpu = cpu_per_job(cpu0, cpu_seconds({**pids, **bench.pids()}), len(ids))
     if any(s not in ("succeeded", "failed", "canceled") for s in final.values()):
         # A backlog would spill into the next benchmarks: drop it.
         bench.stop_worker()
