@@ -31,6 +31,10 @@ TRANSFER = TransferConfig(
 # TransferConfig takes this s3transfer setting only as an attribute.
 TRANSFER.max_in_memory_upload_chunks = 2
 SPOOL_BYTES = 4 * 1024 * 1024
+# A stream that ends within this many bytes is stored with one PutObject, not through the
+# transfer manager (its thread pool per call costs more than a small PUT); a longer one
+# keeps this much more in memory while it is copied.
+SMALL_STREAM_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -90,22 +94,23 @@ class HashingReader(io.RawIOBase):
         return self._hash.hexdigest()
 
 
-def _read_up_to(reader: io.RawIOBase, n: int) -> bytes:
-    """Exactly ``n`` bytes from ``reader``, or fewer only at its end."""
-    out = bytearray()
-    while len(out) < n:
-        chunk = reader.read(n - len(out))
-        if not chunk:
+def _read_up_to(reader: io.RawIOBase, n: int) -> memoryview:
+    """Exactly ``n`` bytes from ``reader``, or fewer only at its end (one buffer, no copies)."""
+    buffer = memoryview(bytearray(n))
+    filled = 0
+    while filled < n:
+        got = reader.readinto(buffer[filled:])
+        if not got:
             break
-        out += chunk
-    return bytes(out)
+        filled += got
+    return buffer[:filled]
 
 
 class _Prefixed(io.RawIOBase):
     """Bytes already read from a stream, then the rest of the stream."""
 
-    def __init__(self, head: bytes, rest: io.RawIOBase) -> None:
-        self._head: memoryview | None = memoryview(head)
+    def __init__(self, head: memoryview, rest: io.RawIOBase) -> None:
+        self._head: memoryview | None = head
         self._rest = rest
 
     def readable(self) -> bool:
@@ -211,13 +216,13 @@ class Storage:
         started = time.perf_counter()
         # A stream (an output being copied) that ends within one part is one PutObject;
         # a longer one goes on, after the part already read, through the transfer manager.
-        head = _read_up_to(reader, TRANSFER.multipart_threshold)
-        if len(head) < TRANSFER.multipart_threshold:
+        head = _read_up_to(reader, SMALL_STREAM_BYTES)
+        if len(head) < SMALL_STREAM_BYTES:
             try:
                 self._s3.put_object(
                     Bucket=self.bucket,
                     Key=key,
-                    Body=head,
+                    Body=bytes(head),
                     ContentLength=len(head),
                     ContentType=content_type,
                 )
