@@ -435,25 +435,22 @@ def bench_stack(quick: bool) -> Iterator[Bench]:
     a fresh database when it answers (else an embedded one), an embedded Redis of its own,
     moto S3, the simulator, the gateway (1 uvicorn worker) and two Celery worker processes. No beat:
     the benchmarks measure the callback path, and the sweep's query is timed by itself."""
-    import psycopg
-
     from service import auth
     from service.db import make_engine, make_sessionmaker, transaction
-    from service.embedded import free_port, port_open
-    from service.stack import Ports, Stack
+    from service.embedded import free_port
+    from service.stack import Ports, Stack, machine_postgres, own_database
 
     work = Path(tempfile.mkdtemp(prefix="dreamgate-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WIRO", "S3_", "AWS_"))}
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
     env.update(BENCH_SETTINGS)
-    admin = name = None
-    if port_open(5432):
-        admin = "postgresql://postgres@127.0.0.1:5432/postgres"
-        name = f"dreamgate_bench_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    cleanup = contextlib.ExitStack()
+    admin = machine_postgres()
+    name = None
+    if admin:
+        env["DATABASE_URL"] = cleanup.enter_context(own_database(admin, "dreamgate_bench"))
+        name = env["DATABASE_URL"].rpartition("/")[2]
     ports = Ports(
         api=free_port(), sim=free_port(), postgres=free_port(), redis=free_port(), s3=free_port()
     )
@@ -486,9 +483,7 @@ def bench_stack(quick: bool) -> Iterator[Bench]:
         if engine is not None:
             engine.dispose()
         stack.stop()
-        if admin and name:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cleanup.close()  # the bench database, once nothing uses it
         if os.environ.get("KEEP_BENCH_LOGS"):
             print(f"bench logs kept in {work}/logs")
         else:

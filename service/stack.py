@@ -8,13 +8,52 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.embedded import EmbeddedPostgres, ManagedProcess, redis_server, s3_server
+from service.embedded import (
+    EmbeddedPostgres,
+    ManagedProcess,
+    port_open,
+    redis_server,
+    s3_server,
+)
 
 SIM_KEY = "sim-key"
 SIM_SECRET = "sim-secret"  # noqa: S105 - the simulator's own, public test secret
+
+
+# The machine's PostgreSQL, as tests, benchmarks and the soak find it (trust auth).
+MACHINE_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def machine_postgres() -> str | None:
+    """The admin URL of a PostgreSQL on 127.0.0.1:5432 when one answers, else None."""
+    return MACHINE_POSTGRES if port_open(5432) else None
+
+
+@contextmanager
+def own_database(admin_url: str, prefix: str) -> Iterator[str]:
+    """A fresh database on the server ``admin_url`` reaches; its URL; dropped afterwards.
+
+    Tests, benchmarks and the soak each run in one of these, so runs that overlap on one
+    machine (and its one PostgreSQL) never see each other's rows.
+    """
+    import psycopg
+
+    admin = admin_url.replace("postgresql+psycopg://", "postgresql://")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = admin.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @dataclass
