@@ -262,6 +262,26 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User+system CPU seconds used so far by each named process and its descendants."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        total = 0.0
+        try:
+            p = psutil.Process(pid)
+            procs = [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for q in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = q.cpu_times()
+                total += t.user + t.system
+        out[name] = total
+    return out
+
+
 def mib(n: float | None) -> float | None:
     """Bytes to MiB, rounded."""
     return None if n is None else round(n / 2**20, 1)
@@ -337,16 +357,46 @@ class Bench:
             return list(cur.fetchall()) if cur.description else []
 
     def worker_pid(self) -> int:
+        """The first worker process (the one left by ``single_worker``)."""
         return int(self.stack.processes["worker"].proc.pid)
 
     def gateway_pid(self) -> int:
         return int(self.stack.processes["gateway"].proc.pid)
 
+    def pids(self) -> dict[str, int]:
+        """The stack's processes by name (gateway, workers, simulator, Redis, S3) and the
+        PostgreSQL backends serving the bench database now."""
+        out = {n: p.proc.pid for n, p in self.stack.processes.items() if p.proc is not None}
+        for name in ("redis", "s3"):
+            server = getattr(self.stack, name, None)
+            if server is not None and server.proc is not None:
+                out[name] = server.proc.pid
+        rows = self.sql(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        )
+        out.update({f"pg-{r[0]}": int(r[0]) for r in rows})
+        return out
+
     def stop_worker(self) -> None:
-        self.stack.processes["worker"].stop()
+        """Stop every worker process."""
+        self.stack.stop_workers()
 
     def start_worker(self) -> None:
-        self.stack.start_worker()
+        """Start every worker process."""
+        self.stack.start_workers()
+
+    @contextmanager
+    def single_worker(self) -> Iterator[None]:
+        """Only the first worker runs meanwhile (a per-process measure: RSS, slots)."""
+        extra = self.stack.worker_names[1:]
+        for name in extra:
+            self.stack.processes[name].stop()
+        try:
+            yield
+        finally:
+            for name in extra:
+                self.stack.start_worker(name)
 
     def flush_queue(self) -> None:
         """Drop every message in the bench's own Redis (the worker must be stopped)."""
@@ -383,38 +433,36 @@ class Bench:
 def bench_stack(quick: bool) -> Iterator[Bench]:
     """Start the stack as bench/soak.py does: the machine's PostgreSQL on 127.0.0.1:5432 in
     a fresh database when it answers (else an embedded one), an embedded Redis of its own,
-    moto S3, the simulator, the gateway (1 uvicorn worker) and one Celery worker. No beat:
+    moto S3, the simulator, the gateway (1 uvicorn worker) and two Celery worker processes. No beat:
     the benchmarks measure the callback path, and the sweep's query is timed by itself."""
-    import psycopg
-
     from service import auth
     from service.db import make_engine, make_sessionmaker, transaction
-    from service.embedded import free_port, port_open
-    from service.stack import Ports, Stack
+    from service.embedded import free_port
+    from service.stack import Ports, Stack, machine_postgres, own_database
 
     work = Path(tempfile.mkdtemp(prefix="dreamgate-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WIRO", "S3_", "AWS_"))}
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
     env.update(BENCH_SETTINGS)
-    admin = name = None
-    if port_open(5432):
-        admin = "postgresql://postgres@127.0.0.1:5432/postgres"
-        name = f"dreamgate_bench_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    cleanup = contextlib.ExitStack()
+    admin = machine_postgres()
+    name = None
+    if admin:
+        env["DATABASE_URL"] = cleanup.enter_context(own_database(admin, "dreamgate_bench"))
+        name = env["DATABASE_URL"].rpartition("/")[2]
     ports = Ports(
         api=free_port(), sim=free_port(), postgres=free_port(), redis=free_port(), s3=free_port()
     )
-    stack = Stack(work, ports=ports, env=env, worker_concurrency=8)
+    # As recommended for 2 cores: two worker processes of 8 threads (PERFORMANCE.md, 2).
+    stack = Stack(work, ports=ports, env=env, worker_concurrency=8, worker_processes=2)
     engine = None
     try:
         stack.start_backing()
         stack.start_simulator_if_needed()
         stack.prepare()
         stack.start_process("gateway", ["serve", "--port", str(ports.api)], ports.api)
-        stack.start_worker()
+        stack.start_workers()
         engine = make_engine(stack.env["DATABASE_URL"], pool_size=4)
         sessions = make_sessionmaker(engine)
         with transaction(sessions) as s:
@@ -435,9 +483,7 @@ def bench_stack(quick: bool) -> Iterator[Bench]:
         if engine is not None:
             engine.dispose()
         stack.stop()
-        if admin and name:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cleanup.close()  # the bench database, once nothing uses it
         if os.environ.get("KEEP_BENCH_LOGS"):
             print(f"bench logs kept in {work}/logs")
         else:

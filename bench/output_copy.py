@@ -23,6 +23,12 @@ GOAL = "worker peak RSS growth < 64 MiB; throughput >= 70 % of boto3 upload_file
 
 
 def run(bench: Bench) -> dict[str, Any]:
+    """Measured on one worker process: its RSS is what the figures are about."""
+    with bench.single_worker():
+        return _run(bench)
+
+
+def _run(bench: Bench) -> dict[str, Any]:
     # 512 MiB is what the issue asks; the simulator cannot make an output of 256 MiB or more
     # (wirosim/images.py pad_png: random.randbytes(n) overflows a C int for n >= 2**28), so
     # the full run copies 255 MiB until that is fixed.

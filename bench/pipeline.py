@@ -18,11 +18,12 @@ waiting for a free worker.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from typing import Any
 
-from bench.common import SAMPLE, Bench, ms, pct, print_table, ratio
+from bench.common import SAMPLE, Bench, cpu_seconds, ms, pct, print_table, ratio
 from bench.timeline import callbacks, paced_submit, transitions
 
 NAME = "pipeline"
@@ -133,8 +134,23 @@ def floor(bench: Bench, n: int) -> list[dict[str, float]]:
     return out
 
 
+def cpu_per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> dict[str, float]:
+    """CPU ms per job of each kind of process (workers, PostgreSQL backends summed)."""
+    out: dict[str, float] = {}
+    for name, used in after.items():
+        pg = name.startswith("pg-")
+        if name not in before and not pg:
+            continue
+        kind = "postgres" if pg else ("workers" if name.startswith("worker") else name)
+        out[kind] = out.get(kind, 0.0) + used - before.get(name, 0.0)
+    return {k: round(v * 1000 / max(jobs, 1), 1) for k, v in sorted(out.items())}
+
+
 def run(bench: Bench) -> dict[str, Any]:
-    rate, seconds = (5.0, 2.0) if bench.quick else (20.0, 60.0)
+    # BENCH_PIPELINE_RATE: another rate (jobs/s) than the issue's 20, e.g. to find what
+    # this machine sustains.
+    rate = float(os.environ.get("BENCH_PIPELINE_RATE") or 20.0)
+    rate, seconds = (5.0, 2.0) if bench.quick else (rate, 60.0)
     count = int(rate * seconds)
     bench.set_sim(task_duration_s=0, output_size_bytes=None)
     image = SAMPLE.read_bytes()
@@ -145,11 +161,15 @@ def run(bench: Bench) -> dict[str, Any]:
             "data": {"prompt": f"pipeline {n}"},
         }
 
+    pids = bench.pids()
+    cpu0 = cpu_seconds(pids)
     t0 = time.monotonic()
     ids, submit_lat, refused = asyncio.run(paced_submit(bench, make, rate=rate, count=count))
     submit_s = time.monotonic() - t0
     final = bench.wait_terminal(ids, timeout=30 if bench.quick else 180)
     drain_s = time.monotonic() - t0 - submit_s
+    # Backends opened during the run count from zero (the pools open them lazily).
+    cpu = cpu_per_job(cpu0, cpu_seconds({**pids, **bench.pids()}), len(ids))
     if any(s not in ("succeeded", "failed", "canceled") for s in final.values()):
         # A backlog would spill into the next benchmarks: drop it.
         bench.stop_worker()
@@ -199,6 +219,13 @@ def run(bench: Bench) -> dict[str, Any]:
         "service_added_p99_ms": ms(pct(added, 99)),
         "goal_met": bool(added) and pct(added, 50) <= 0.05 and pct(added, 99) <= 0.25,  # type: ignore[operator]
         "floor_jobs": len(floors),
+        # CPU ms per job by process while the jobs ran (2 cores give 2,000 ms per second):
+        # their sum bounds the rate this machine can sustain, whatever the scheduling.
+        "cpu_ms_per_job": cpu,
+        "cpu_ms_per_job_total": round(sum(cpu.values()), 1),
+        "cpu_bound_jobs_per_s_on_2_cores": round(2000 / sum(cpu.values()), 1)
+        if sum(cpu.values())
+        else None,
     }
     print_table(
         f"2. pipeline overhead at {rate:g} jobs/s for {seconds:g} s (simulator duration 0)",
@@ -209,6 +236,8 @@ def run(bench: Bench) -> dict[str, Any]:
             f"submit rate {result['achieved_submit_rate']}/s, "
             f"submit p99 {result['submit_p99_ms']} ms",
             "floor: the same calls back to back in one thread, no queue (see bench/pipeline.py)",
+            f"CPU ms per job: {cpu} (total {result['cpu_ms_per_job_total']}; 2 cores "
+            f"sustain at most {result['cpu_bound_jobs_per_s_on_2_cores']} jobs/s)",
         ],
     )
     return result

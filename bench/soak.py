@@ -17,7 +17,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -170,23 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args(argv)
 
-    import psycopg
+    from contextlib import ExitStack
 
     from service import auth
     from service.db import make_engine, make_sessionmaker, transaction
-    from service.embedded import free_port, port_open
-    from service.stack import Ports, Stack
+    from service.embedded import free_port
+    from service.stack import Ports, Stack, machine_postgres, own_database
 
     work = Path(tempfile.mkdtemp(prefix="dreamgate-soak-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WIRO", "S3_", "AWS_"))}
     env.update(SOAK_SETTINGS)
-    admin = None
-    if not env.get("DATABASE_URL") and port_open(5432):
-        admin = "postgresql://postgres@127.0.0.1:5432/postgres"
-        name = f"dreamgate_soak_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    cleanup = ExitStack()
+    admin = None if env.get("DATABASE_URL") else machine_postgres()
+    if admin:
+        env["DATABASE_URL"] = cleanup.enter_context(own_database(admin, "dreamgate_soak"))
     ports = Ports(
         api=free_port(), sim=free_port(), postgres=free_port(), redis=free_port(), s3=free_port()
     )
@@ -210,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     finally:
         stack.stop()
-        if admin:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cleanup.close()  # the soak's database, once nothing uses it
         shutil.rmtree(work, ignore_errors=True)
     print_table(result)
     out = ROOT / "bench" / "results" / "soak.json"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -106,6 +108,42 @@ def authenticate(session: Session, key: str) -> Principal | None:
     return Principal(
         key_id=row.id, owner=row.owner, role=row.role, submit_rate_limit=row.submit_rate_limit
     )
+
+
+class PrincipalCache:
+    """Live keys' principals for ``ttl_s`` seconds, so a request skips the key lookup.
+
+    A revoked key keeps working in a process for up to ``ttl_s`` after the revocation (the
+    price of not asking PostgreSQL on every request). Unknown keys are never cached: a new
+    key works at once. Entries are keyed by the key's hash, not the key.
+    """
+
+    def __init__(self, ttl_s: float, *, max_entries: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Principal | None:
+        """The cached principal of ``key``, if cached less than ``ttl_s`` ago."""
+        if self.ttl_s <= 0:
+            return None
+        entry = self._entries.get(hash_key(key))
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key: str, who: Principal) -> None:
+        """Remember a principal just authenticated from PostgreSQL."""
+        if self.ttl_s <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if len(self._entries) >= self.max_entries:  # bound memory: drop what expired
+                self._entries = {k: v for k, v in self._entries.items() if v[0] >= now}
+                if len(self._entries) >= self.max_entries:
+                    self._entries.clear()
+            self._entries[hash_key(key)] = (now + self.ttl_s, who)
 
 
 def find(session: Session, ident: str) -> ApiKey | None:

@@ -322,7 +322,9 @@ def dev(data_dir: str, port: int) -> None:
     WIRO_API_KEY is set, the gateway, a worker and beat. Ctrl-C stops all of them."""
     from service.stack import Ports, Stack
 
-    stack = Stack(Path(data_dir).resolve(), ports=Ports(api=port))
+    # One worker process per core (up to 2): see docs/PERFORMANCE.md, benchmark 2.
+    workers = min(2, os.cpu_count() or 1)
+    stack = Stack(Path(data_dir).resolve(), ports=Ports(api=port), worker_processes=workers)
     stopping = False
 
     def _stop(*_: Any) -> None:

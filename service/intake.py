@@ -16,12 +16,14 @@ from PIL import Image, UnidentifiedImageError
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from service import admission, jobs, ssrf
 from service.container import Services
 from service.db import transaction
-from service.models import IdempotencyKey
+from service.models import IdempotencyKey, Job, JobEvent, JobInput
 from service.storage import TooLarge
+from service.views import JobOut, job_out
 
 ALLOWED_FORMATS = {
     "PNG": "image/png",
@@ -110,6 +112,8 @@ class Accepted:
     job_id: uuid.UUID
     replayed: bool
     response: dict[str, Any] | None = None
+    # The new job as GET shows it right after the commit (None for a replay).
+    job: JobOut | None = None
 
 
 class IdempotencyMismatch(Exception):
@@ -221,6 +225,7 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
             )
             if caller.idempotency_key and not _claim_key(s, caller, request_hash, job_id):
                 raise _LostRace
+            view = _as_committed(svc, s, job_id, inputs)
     except BaseException as exc:
         if any(i.kind == "file" for i in inputs):
             try:
@@ -235,7 +240,40 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
         raise
     # After the commit: a send lost here is re-sent by the sweep.
     admission.request(svc)
-    return Accepted(job_id=job_id, replayed=False)
+    return Accepted(job_id=job_id, replayed=False, job=view)
+
+
+def _as_committed(
+    svc: Services, s: Session, job_id: uuid.UUID, inputs: Sequence[jobs.NewInput]
+) -> JobOut:
+    """The job just inserted, rendered from one read in its own transaction.
+
+    The row and its first event come back in one round trip (server-side values: times,
+    event id, scale as stored); the inputs are what was just inserted, and there are no
+    outputs yet, so the answer need not re-read the job in a transaction of its own.
+    """
+    job, event = s.execute(
+        select(Job, JobEvent).join(JobEvent, JobEvent.job_id == Job.id).where(Job.id == job_id)
+    ).one()
+    rows = [
+        JobInput(
+            job_id=job_id,
+            position=n,
+            kind=i.kind,
+            url=i.url,
+            s3_key=i.s3_key,
+            filename=i.filename,
+            content_type=i.content_type,
+            size=i.size,
+            sha256=i.sha256,
+        )
+        for n, i in enumerate(inputs)
+    ]
+    # Loaded as if read from the database: nothing becomes pending in the session.
+    set_committed_value(job, "inputs", rows)
+    set_committed_value(job, "outputs", [])
+    set_committed_value(job, "events", [event])
+    return job_out(job, svc.storage, svc.settings.presign_ttl_s, full=True)
 
 
 def check_webhook_url(svc: Services, url: str) -> None:

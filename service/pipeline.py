@@ -2,7 +2,9 @@
 
 Each step re-reads the job, acts only if the job is where the step expects it, and moves
 it with a guarded transition, so a step run twice (redelivery, sweep, racing callback)
-does nothing the second time. Follow-up work is sent through ``TaskQueue`` after commit.
+does nothing the second time. Follow-up work is sent through ``TaskQueue`` after commit,
+except the copy of a succeeded job's outputs, which runs inline in the step that moved it to
+``finalizing`` (one Celery hop less between Wiro's callback and the client's webhook).
 """
 
 from __future__ import annotations
@@ -398,10 +400,12 @@ def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str)
             )
     if moved:
         metrics.COMPLETIONS.labels(source, str(outcome)).inc()
-    if moved and outcome is Outcome.succeeded:
-        svc.queue.finalize(job_id)
     webhooks.announce(svc, moved)
     admission.released(svc, moved)
+    if moved and outcome is Outcome.succeeded:
+        # Inline, not a task hop: only the caller that moved the job gets here, and a crash
+        # mid-copy leaves it in finalizing, which the sweep finalizes again (STUCK_AFTER_S).
+        finalize(svc, job_id)
 
 
 # -- finalize ----------------------------------------------------------------------------

@@ -34,7 +34,12 @@ def make_celery(redis_url: str, *, name: str = "dreamgate") -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
-        worker_prefetch_multiplier=1,
+        # Each worker thread has up to 4 messages waiting for it. With 1, a busy worker
+        # fetched its next message only after an ack, on its event loop's next turn (up to
+        # a second later), and the one consumer thread capped the task rate (PERFORMANCE.md,
+        # benchmark 2). Acks stay late: a message is acked after its task, so a crash still
+        # leaves it to redelivery and the sweep.
+        worker_prefetch_multiplier=4,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 3600},
         task_serializer="json",

@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         """True when requests to Wiro carry a signature (a secret is configured)."""
         return bool(self.wiro_api_secret and self.wiro_api_secret.get_secret_value())
 
+    # -- performance (docs/PERFORMANCE.md) --
+    # Seconds a gateway process trusts a key it authenticated; a revoked key keeps working
+    # that long in each process. 0 asks PostgreSQL on every request.
+    auth_cache_ttl_s: float = Field(5.0, ge=0)
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

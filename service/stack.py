@@ -8,13 +8,52 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.embedded import EmbeddedPostgres, ManagedProcess, redis_server, s3_server
+from service.embedded import (
+    EmbeddedPostgres,
+    ManagedProcess,
+    port_open,
+    redis_server,
+    s3_server,
+)
 
 SIM_KEY = "sim-key"
 SIM_SECRET = "sim-secret"  # noqa: S105 - the simulator's own, public test secret
+
+
+# The machine's PostgreSQL, as tests, benchmarks and the soak find it (trust auth).
+MACHINE_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def machine_postgres() -> str | None:
+    """The admin URL of a PostgreSQL on 127.0.0.1:5432 when one answers, else None."""
+    return MACHINE_POSTGRES if port_open(5432) else None
+
+
+@contextmanager
+def own_database(admin_url: str, prefix: str) -> Iterator[str]:
+    """A fresh database on the server ``admin_url`` reaches; its URL; dropped afterwards.
+
+    Tests, benchmarks and the soak each run in one of these, so runs that overlap on one
+    machine (and its one PostgreSQL) never see each other's rows.
+    """
+    import psycopg
+
+    admin = admin_url.replace("postgresql+psycopg://", "postgresql://")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = admin.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @dataclass
@@ -36,6 +75,9 @@ class Stack:
     ports: Ports = field(default_factory=Ports)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     worker_concurrency: int = 4
+    # Worker processes (threads pool each): one per core lets each consume and run tasks
+    # on its own GIL; the first is named "worker", the others "worker-2", "worker-3"...
+    worker_processes: int = 1
     postgres: EmbeddedPostgres | None = None
     redis: ManagedProcess | None = None
     s3: ManagedProcess | None = None
@@ -138,9 +180,9 @@ class Stack:
         return path.read_text().strip()
 
     def start_service(self) -> None:
-        """The gateway, one worker and beat."""
+        """The gateway, the workers and beat."""
         self.start_process("gateway", ["serve", "--port", str(self.ports.api)], self.ports.api)
-        self.start_worker()
+        self.start_workers()
         self.start_process(
             "beat", ["beat", "--schedule", str(self.data_dir / "beat-schedule")], None
         )
@@ -150,6 +192,23 @@ class Stack:
         return self.start_process(
             name, ["worker", "--concurrency", str(self.worker_concurrency), "--name", name], None
         )
+
+    @property
+    def worker_names(self) -> list[str]:
+        """The names of the stack's worker processes."""
+        return ["worker", *(f"worker-{n}" for n in range(2, self.worker_processes + 1))]
+
+    def start_workers(self) -> None:
+        """Every worker process of the stack."""
+        for name in self.worker_names:
+            self.start_worker(name)
+
+    def stop_workers(self) -> None:
+        """Stop every worker process of the stack (their unacked messages wait in Redis)."""
+        for name in self.worker_names:
+            proc = self.processes.get(name)
+            if proc is not None:
+                proc.stop()
 
     def start(self) -> None:
         """Everything, in dependency order."""

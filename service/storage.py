@@ -31,6 +31,10 @@ TRANSFER = TransferConfig(
 # TransferConfig takes this s3transfer setting only as an attribute.
 TRANSFER.max_in_memory_upload_chunks = 2
 SPOOL_BYTES = 4 * 1024 * 1024
+# A stream that ends within this many bytes is stored with one PutObject, not through the
+# transfer manager (its thread pool per call costs more than a small PUT); a longer one
+# keeps this much more in memory while it is copied.
+SMALL_STREAM_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,52 @@ class HashingReader(io.RawIOBase):
     def sha256(self) -> str:
         """Hex digest of every byte read so far."""
         return self._hash.hexdigest()
+
+
+def _read_up_to(reader: io.RawIOBase, n: int) -> memoryview:
+    """Exactly ``n`` bytes from ``reader``, or fewer only at its end (one buffer, no copies)."""
+    buffer = memoryview(bytearray(n))
+    filled = 0
+    while filled < n:
+        got = reader.readinto(buffer[filled:])
+        if not got:
+            break
+        filled += got
+    return buffer[:filled]
+
+
+class _Prefixed(io.RawIOBase):
+    """Bytes already read from a stream, then the rest of the stream."""
+
+    def __init__(self, head: memoryview, rest: io.RawIOBase) -> None:
+        self._head: memoryview | None = head
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._head is not None:
+            n = min(len(b), len(self._head))
+            b[:n] = self._head[:n]
+            self._head = self._head[n:] if n < len(self._head) else None  # free it once read
+            return n
+        return self._rest.readinto(b) or 0
+
+
+def _remaining(source: IO[bytes] | Iterator[bytes]) -> int | None:
+    """Bytes left in a seekable file from its position; None for a stream or iterator."""
+    seekable = getattr(source, "seekable", None)
+    if seekable is None or not seekable():
+        return None
+    file: IO[bytes] = source  # type: ignore[assignment]  # it has seekable(): a file
+    try:
+        start = file.tell()
+        end = file.seek(0, io.SEEK_END)
+        file.seek(start)
+    except (OSError, ValueError):
+        return None
+    return end - start
 
 
 class Storage:
@@ -159,11 +209,29 @@ class Storage:
         limit: int | None = None,
     ) -> StoredObject:
         """Stream ``source`` into ``key`` in bounded memory, hashing it on the way."""
+        size = _remaining(source)
+        if size is not None and size < TRANSFER.multipart_threshold:
+            return self._put_small(key, source, size, content_type=content_type, limit=limit)  # type: ignore[arg-type]  # _remaining said: a seekable file
         reader = HashingReader(source, limit=limit)
         started = time.perf_counter()
+        # A stream (an output being copied) that ends within one part is one PutObject;
+        # a longer one goes on, after the part already read, through the transfer manager.
+        head = _read_up_to(reader, SMALL_STREAM_BYTES)
+        if len(head) < SMALL_STREAM_BYTES:
+            try:
+                self._s3.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=bytes(head),
+                    ContentLength=len(head),
+                    ContentType=content_type,
+                )
+            finally:
+                metrics.observe_s3("put", "put", started, reader.size)
+            return StoredObject(key=key, size=reader.size, sha256=reader.sha256)
         try:
             self._s3.upload_fileobj(
-                io.BufferedReader(reader, buffer_size=1024 * 1024),
+                io.BufferedReader(_Prefixed(head, reader), buffer_size=1024 * 1024),
                 self.bucket,
                 key,
                 ExtraArgs={"ContentType": content_type},
@@ -173,12 +241,42 @@ class Storage:
             metrics.observe_s3("put", "put", started, reader.size)
         return StoredObject(key=key, size=reader.size, sha256=reader.sha256)
 
+    def _put_small(
+        self, key: str, source: IO[bytes], size: int, *, content_type: str, limit: int | None
+    ) -> StoredObject:
+        """One PutObject for a seekable file below the multipart size.
+
+        upload_fileobj would build a TransferManager and a thread pool for each call; for
+        an upload of a few hundred KB that costs more than the PUT itself.
+        """
+        if limit is not None and size > limit:
+            raise TooLarge(f"more than {limit} bytes")
+        start = source.tell()
+        digest = hashlib.file_digest(source, "sha256")  # type: ignore[arg-type]  # a binary file
+        source.seek(start)
+        started = time.perf_counter()
+        try:
+            self._s3.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=source,
+                ContentLength=size,
+                ContentType=content_type,
+            )
+        finally:
+            metrics.observe_s3("put", "put", started, size)
+        return StoredObject(key=key, size=size, sha256=digest.hexdigest())
+
     def download_spooled(self, key: str) -> IO[bytes]:
         """The object in a seekable temp file (memory up to 4 MiB, then disk)."""
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - caller closes
         started = time.perf_counter()
         try:
-            self._s3.download_fileobj(self.bucket, key, spool, Config=TRANSFER)
+            # One streamed GET: inputs are at most MAX_IMAGE_BYTES, and download_fileobj's
+            # ranged parallel GETs (a thread pool per call) only pay off for large objects.
+            body = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"]
+            for chunk in body.iter_chunks(1024 * 1024):
+                spool.write(chunk)
         finally:
             metrics.observe_s3("get", "get", started, spool.tell())
         spool.seek(0)

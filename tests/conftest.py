@@ -13,7 +13,6 @@ import random
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from service import auth
 from service.auth import IssuedKey
 from service.db import make_engine, make_sessionmaker, transaction
 from service.embedded import EmbeddedPostgres, free_port, port_open, redis_server
-from service.stack import Ports, Stack
+from service.stack import Ports, Stack, machine_postgres, own_database
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
@@ -52,6 +51,8 @@ TEST_SETTINGS = {
     "WEBHOOK_TIMEOUT_S": "3",
     "LOG_LEVEL": "INFO",
     "WIRO_MAX_IN_FLIGHT": "3",
+    # Revocation tests revoke in the database and expect the next request refused.
+    "AUTH_CACHE_TTL_S": "0",
 }
 
 
@@ -70,20 +71,13 @@ def database_url(workdir: Path) -> Iterator[str]:
     """A database of this run's own, on whichever PostgreSQL is at hand."""
     embedded: EmbeddedPostgres | None = None
     admin = os.environ.get("DATABASE_URL")
-    if not admin and port_open(5432):
-        admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    admin = admin or machine_postgres()
     if not admin:
         embedded = EmbeddedPostgres(workdir / "postgres", free_port())
         embedded.start()
         admin = embedded.url
-    admin = admin.replace("postgresql+psycopg://", "postgresql://")
-    name = f"dreamgate_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base, _, _ = admin.rpartition("/")
-    yield f"{base}/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with own_database(admin, "dreamgate_test") as url:
+        yield url
     if embedded is not None:
         embedded.stop()
 

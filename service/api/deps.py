@@ -32,6 +32,14 @@ def _authenticate(svc: Services, key: str) -> auth.Principal | None:
         return auth.authenticate(s, key)
 
 
+def _key_cache(request: Request, svc: Services) -> auth.PrincipalCache:
+    """This app's cache of authenticated keys (AUTH_CACHE_TTL_S), made on first use."""
+    cache: auth.PrincipalCache | None = getattr(request.app.state, "key_cache", None)
+    if cache is None:
+        cache = request.app.state.key_cache = auth.PrincipalCache(svc.settings.auth_cache_ttl_s)
+    return cache
+
+
 async def principal(
     request: Request,
     svc: ServicesDep,
@@ -43,7 +51,12 @@ async def principal(
         raise ProblemError(
             401, "unauthorized", "send an API key: Authorization: Bearer <key>", headers=challenge
         )
-    who = await run_in_threadpool(_authenticate, svc, credentials.credentials)
+    cache = _key_cache(request, svc)
+    who = cache.get(credentials.credentials)
+    if who is None:
+        who = await run_in_threadpool(_authenticate, svc, credentials.credentials)
+        if who is not None:
+            cache.put(credentials.credentials, who)
     if who is None:
         # Never log the key itself; its first characters identify it well enough.
         log.warning("auth_refused", key_prefix=credentials.credentials[:6], path=request.url.path)

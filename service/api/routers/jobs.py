@@ -302,10 +302,14 @@ async def create_job(
             return await _load_waiting(request, svc, accepted.job_id, who, wait)
         return await run_in_threadpool(_load, svc, accepted.job_id, who)
     response.headers.update(location)
-    job = await run_in_threadpool(_load, svc, accepted.job_id, who)
-    await run_in_threadpool(
-        intake.remember_response, svc, caller, accepted.job_id, job.model_dump(mode="json")
-    )
+    # accept rendered the job in its own transaction: no second read to answer.
+    job = accepted.job
+    if job is None:
+        job = await run_in_threadpool(_load, svc, accepted.job_id, who)
+    if caller.idempotency_key:
+        await run_in_threadpool(
+            intake.remember_response, svc, caller, accepted.job_id, job.model_dump(mode="json")
+        )
     if wait is not None and not job.status.terminal:
         return await _load_waiting(request, svc, accepted.job_id, who, wait)
     return job
