@@ -53,3 +53,23 @@ def test_quick_bench_runs_every_benchmark_and_writes_its_json(tmp_path: Path) ->
             assert ROW_KEYS.get(name, set()) <= set(row), f"{name}: row {row}"
     summary = json.loads((results / "summary.json").read_text())
     assert summary["failed"] == []
+
+
+def test_quick_admission_bench_runs_and_reports_its_three_parts(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.admission", "--quick"],
+        cwd=ROOT,
+        env={**os.environ, "BENCH_RESULTS": str(results)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads((results / "admission.json").read_text())
+    parts = {row["part"]: row for row in data["rows"]}
+    assert set(parts) == {"peak", "burst", "refused"}
+    assert parts["peak"]["wiro_peak"] <= parts["peak"]["limit"]
+    assert parts["refused"]["failed"] == 0
+    assert {"b_wait_s", "a_admitted_between"} <= set(parts["burst"])
