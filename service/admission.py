@@ -15,6 +15,12 @@ Runs, never above ``WIRO_MAX_IN_FLIGHT``. The level Wiro refused at is kept as a
 climbing back onto it waits for ``WIRO_ADMISSION_PROBE_AFTER`` accepted Runs, so a hidden
 lower limit at Wiro costs one refused Run per that many jobs, not one per few dozen. It all
 lives in the one-row table ``wiro_admission``.
+
+When Wiro refuses our account (credentials or balance: ``WiroAccountRefused``), every Run
+would be refused alike, so admission pauses for everyone: one probe Run at a time, the
+probes backing off from 1 s to ``WIRO_ACCOUNT_PROBE_MAX_S`` (30 s), until a Run is
+accepted again. The refused jobs wait in the queue (they fail only at SUBMIT_DEADLINE_S);
+``/v1/admin/stats``, ``/ops`` and the metrics say since when Wiro refuses us.
 """
 
 from __future__ import annotations
@@ -22,16 +28,18 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 from sqlalchemy import func, text
 from sqlalchemy.orm import Session
 
-from service import jobs
+from service import jobs, metrics
 from service.container import Services
 from service.db import transaction
 from service.models import Job
 from service.models import JobStatus as S
+from service.wiro import WiroAccountRefused
 
 log = structlog.get_logger(__name__)
 
@@ -121,6 +129,21 @@ def admit(svc: Services) -> list[uuid.UUID]:
         free = limit - in_flight
         if free <= 0:
             return []
+        if _paused(s):
+            # Wiro refuses our account: one probe, once it is due and none is on its way.
+            probe_due = s.execute(
+                text(
+                    "UPDATE wiro_admission SET account_probe_at = now() + make_interval("
+                    "secs => :hold) WHERE id = 1 AND coalesce(account_probe_at, now()) <= now() "
+                    "AND NOT EXISTS (SELECT 1 FROM jobs WHERE status = 'submitting') "
+                    "RETURNING 1"
+                ),
+                # Until the probe's answer says when the next may go.
+                {"hold": svc.settings.wiro_account_probe_max_s},
+            ).first()
+            if probe_due is None:
+                return []
+            free = 1
         candidates = list(s.execute(_CANDIDATES, {"free": free}).scalars())
         claimed = [
             job_id
@@ -156,6 +179,71 @@ def released(svc: Services, moved: jobs.Moved | None) -> None:
     """After the commit of a transition: ask for a pass if it freed a slot."""
     if moved is not None and moved.from_status in IN_FLIGHT and moved.to_status not in IN_FLIGHT:
         request(svc)
+
+
+def _paused(s: Session) -> bool:
+    return account_state(s) is not None
+
+
+def account_state(s: Session) -> dict[str, Any] | None:
+    """Why and since when Wiro refuses our account, or None while it accepts us."""
+    row = s.execute(
+        text(
+            "SELECT account_reason, account_message, account_refused_since "
+            "FROM wiro_admission WHERE id = 1 AND account_refused_since IS NOT NULL"
+        )
+    ).first()
+    if row is None:
+        return None
+    return {"reason": row[0], "message": row[1], "since": row[2].isoformat()}
+
+
+def account_refused(svc: Services, exc: WiroAccountRefused) -> None:
+    """Wiro refused our account: pause admission (or keep it paused), next probe later."""
+    cap = svc.settings.wiro_max_in_flight
+    with transaction(svc.sessions) as s:
+        row = s.execute(
+            text(
+                """
+                INSERT INTO wiro_admission (id, limit_in_force, successes, updated_at,
+                    account_refused_since, account_reason, account_message,
+                    account_refusals, account_probe_at)
+                VALUES (1, :cap, 0, now(), now(), :reason, :message, 1,
+                    now() + make_interval(secs => 1))
+                ON CONFLICT (id) DO UPDATE SET
+                    account_refused_since =
+                        coalesce(wiro_admission.account_refused_since, now()),
+                    account_reason = :reason,
+                    account_message = :message,
+                    account_refusals = wiro_admission.account_refusals + 1,
+                    account_probe_at = now() + make_interval(secs => least(:most,
+                        power(2, least(wiro_admission.account_refusals, 16)))),
+                    updated_at = now()
+                RETURNING account_refusals, account_refused_since
+                """
+            ),
+            {
+                "cap": cap,
+                "reason": exc.reason,
+                "message": exc.message[:500],
+                "most": svc.settings.wiro_account_probe_max_s,
+            },
+        ).one()
+    metrics.WIRO_ACCOUNT_REFUSALS.labels(exc.reason).inc()
+    if row[0] == 1:
+        log.error("wiro_account_refused", reason=exc.reason, message=exc.message[:500])
+
+
+def account_probe_delay(svc: Services) -> float:
+    """Seconds until the next probe Run may go (0 when admission is not paused)."""
+    with transaction(svc.sessions) as s:
+        value = s.execute(
+            text(
+                "SELECT greatest(0, extract(epoch FROM account_probe_at - now())) "
+                "FROM wiro_admission WHERE id = 1 AND account_refused_since IS NOT NULL"
+            )
+        ).scalar_one_or_none()
+    return 0.0 if value is None else float(value) + 0.05
 
 
 def concurrency_refused(svc: Services, job_id: uuid.UUID | None = None) -> None:
@@ -207,10 +295,25 @@ def run_accepted(svc: Services) -> None:
     """Wiro took a Run: count it; every N in a row raise the limit by one (additive).
 
     The step onto the ceiling (where Wiro last refused) needs ``probe_after`` Runs instead
-    of N; taking it clears the ceiling, and a refusal there sets it again.
+    of N; taking it clears the ceiling, and a refusal there sets it again. An accepted Run
+    also ends a pause for an account refusal: the key (or balance) works again.
     """
     cap = svc.settings.wiro_max_in_flight
     with transaction(svc.sessions) as s:
+        resumed = s.execute(
+            text(
+                """
+                WITH old AS (
+                    SELECT account_refused_since AS since FROM wiro_admission
+                    WHERE id = 1 AND account_refused_since IS NOT NULL FOR UPDATE
+                )
+                UPDATE wiro_admission SET account_refused_since = NULL, account_reason = NULL,
+                    account_message = NULL, account_refusals = 0, account_probe_at = NULL
+                FROM old WHERE id = 1
+                RETURNING extract(epoch FROM now() - old.since)
+                """
+            )
+        ).scalar_one_or_none()
         s.execute(
             text(
                 """
@@ -237,6 +340,9 @@ def run_accepted(svc: Services) -> None:
                 "probe": svc.settings.wiro_admission_probe_after,
             },
         )
+    if resumed is not None:
+        log.warning("wiro_account_accepted_again", paused_s=round(float(resumed), 1))
+        request(svc)  # the queue waited for this probe: fill every free slot now
 
 
 @dataclass(frozen=True)

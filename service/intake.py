@@ -66,6 +66,8 @@ class Submission:
     metadata: dict[str, Any] = field(default_factory=dict)
     webhook_events: list[str] | None = None
     priority: str = "normal"
+    # Cancel-After: the job is canceled wherever it is once this much time has passed.
+    cancel_after: timedelta | None = None
 
     def fingerprint(self) -> str:
         """A hash of everything the request asks for; uploads count by their bytes."""
@@ -88,8 +90,9 @@ class Submission:
                 self.webhook_events,
                 images,
             ]
-            # Only when set, so keys stored before priority existed still match.
-            + ([self.priority] if self.priority != "normal" else []),
+            # Only when set, so keys stored before these existed still match.
+            + ([self.priority] if self.priority != "normal" else [])
+            + ([self.cancel_after.total_seconds()] if self.cancel_after else []),
             sort_keys=True,
             separators=(",", ":"),
         )
@@ -122,6 +125,40 @@ class IdempotencyMismatch(Exception):
 
 class _LostRace(Exception):
     """Another request with the same Idempotency-Key committed first."""
+
+
+MAX_CANCEL_AFTER = timedelta(hours=24)
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_cancel_after(value: str) -> timedelta:
+    """Replicate's ``Cancel-After``: ``30s``, ``5m``, ``1h30m`` or plain seconds; ≤ 24 h.
+
+    Go-style durations (what Replicate documents), hours, minutes and seconds in that
+    order; InputError ``invalid_cancel_after`` otherwise.
+    """
+    text = value.strip().lower()
+    seconds: float | None = None
+    try:
+        seconds = float(text)
+    except ValueError:
+        match = _DURATION.fullmatch(text)
+        if match and text and any(match.groups()):
+            h, m, sec = (float(g) if g else 0.0 for g in match.groups())
+            seconds = h * 3600 + m * 60 + sec
+    if seconds is None or not seconds == seconds:  # not a number, or NaN
+        raise InputError(
+            "invalid_cancel_after",
+            "Cancel-After must be a duration such as 30s, 5m, 1h30m, or a number of seconds",
+            field="Cancel-After",
+        )
+    if not 0 < seconds <= MAX_CANCEL_AFTER.total_seconds():
+        raise InputError(
+            "invalid_cancel_after",
+            "Cancel-After must be more than 0 s and at most 24 h",
+            field="Cancel-After",
+        )
+    return timedelta(seconds=seconds)
 
 
 def sniff_image(file: IO[bytes]) -> str:
@@ -222,6 +259,7 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
                 metadata=sub.metadata,
                 inputs=inputs,
                 priority=sub.priority,
+                cancel_after=sub.cancel_after,
             )
             if caller.idempotency_key and not _claim_key(s, caller, request_hash, job_id):
                 raise _LostRace

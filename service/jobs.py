@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, cast, func, insert, literal, select, update
+from sqlalchemy import ColumnElement, String, cast, func, insert, literal, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, selectinload
 
@@ -106,6 +106,7 @@ def create(
     api_key_id: uuid.UUID | None = None,
     webhook_events: list[str] | None = None,
     priority: str = "normal",
+    cancel_after: timedelta | None = None,
 ) -> None:
     """Insert a queued job, its inputs in order, and the first timeline event."""
     session.execute(
@@ -122,6 +123,7 @@ def create(
             metadata_=metadata,
             priority=PRIORITIES[priority],
             enqueued_at=func.now(),
+            deadline_at=None if cancel_after is None else func.now() + cancel_after,
         )
     )
     session.execute(
@@ -151,9 +153,11 @@ def transition(
     *,
     from_: Iterable[JobStatus] | None = None,
     detail: dict[str, Any] | None = None,
+    guard: ColumnElement[bool] | None = None,
     **values: Any,
 ) -> Moved | None:
-    """Move a job to ``to`` if it is in one of ``from_``; None when it was not there."""
+    """Move a job to ``to`` if it is in one of ``from_`` (and ``guard`` holds on its row);
+    None when it was not there."""
     allowed = ALLOWED[to]
     sources = frozenset(from_) if from_ is not None else allowed
     if not sources <= allowed:
@@ -161,9 +165,12 @@ def transition(
     if to in TERMINAL:
         values.setdefault("finished_at", func.now())
     old = select(Job.id, Job.status).where(Job.id == job_id).with_for_update().cte("old")
+    conditions = [Job.id == old.c.id, old.c.status.in_([str(s) for s in sources])]
+    if guard is not None:
+        conditions.append(guard)
     moved = (
         update(Job)
-        .where(Job.id == old.c.id, old.c.status.in_([str(s) for s in sources]))
+        .where(*conditions)
         .values(status=str(to), updated_at=func.now(), **values)
         .returning(Job.id, old.c.status.label("from_status"))
         .cte("moved")
@@ -202,15 +209,19 @@ def note(session: Session, job_id: uuid.UUID, kind: str, detail: dict[str, Any])
 
 
 def update_fields(
-    session: Session, job_id: uuid.UUID, *, when: Iterable[JobStatus], **values: Any
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    when: Iterable[JobStatus],
+    guard: ColumnElement[bool] | None = None,
+    **values: Any,
 ) -> bool:
-    """Set bookkeeping columns (not the status) while the job is in one of ``when``."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_([str(s) for s in when]))
-        .values(**values)
-        .returning(Job.id)
-    )
+    """Set bookkeeping columns (not the status) while the job is in one of ``when`` (and
+    ``guard`` holds)."""
+    conditions = [Job.id == job_id, Job.status.in_([str(s) for s in when])]
+    if guard is not None:
+        conditions.append(guard)
+    result = session.execute(update(Job).where(*conditions).values(**values).returning(Job.id))
     return result.scalar_one_or_none() is not None
 
 
@@ -310,6 +321,69 @@ def stale(
         update(Job).where(Job.id == due.c.id).values(enqueued_at=now).returning(Job)
     )
     return list(claimed.scalars())
+
+
+def past_deadline(session: Session, *, batch: int) -> list[uuid.UUID]:
+    """Jobs not yet done at Wiro whose Cancel-After has passed (an index range scan)."""
+    rows = session.execute(
+        select(Job.id)
+        .where(
+            Job.deadline_at.is_not(None),
+            Job.deadline_at <= func.now(),
+            Job.status.in_([S.queued, S.submitting, S.running]),
+        )
+        .order_by(Job.deadline_at)
+        .limit(batch)
+        .with_for_update(skip_locked=True)
+    )
+    return list(rows.scalars())
+
+
+def timed_out(session: Session, *, older_than: timedelta, batch: int) -> list[uuid.UUID]:
+    """Running jobs whose Run left more than ``older_than`` ago (WIRO_TASK_TIMEOUT_S)."""
+    rows = session.execute(
+        select(Job.id)
+        .where(Job.status == S.running, Job.run_sent_at < func.now() - older_than)
+        .order_by(Job.run_sent_at)
+        .limit(batch)
+        .with_for_update(skip_locked=True)
+    )
+    return list(rows.scalars())
+
+
+def due_stops(session: Session, *, lease: timedelta, batch: int) -> list[uuid.UUID]:
+    """Claim jobs whose task is to be stopped at Wiro and whose next try is due.
+
+    The claim pushes the next try a lease away, so two sweeps never try the same job at
+    once; the stop step itself then sets when to try again, if ever.
+    """
+    due = (
+        select(Job.id)
+        .where(Job.wiro_stop_next_at.is_not(None), Job.wiro_stop_next_at <= func.now())
+        .order_by(Job.wiro_stop_next_at)
+        .limit(batch)
+        .with_for_update(skip_locked=True)
+        .cte("due")
+    )
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == due.c.id)
+        .values(wiro_stop_next_at=func.now() + lease)
+        .returning(Job.id)
+    )
+    return list(claimed.scalars())
+
+
+def queued_since(session: Session, *, older_than: timedelta, batch: int) -> list[uuid.UUID]:
+    """Queued jobs created more than ``older_than`` ago, oldest first."""
+    rows = session.execute(
+        select(Job.id)
+        .where(Job.status == S.queued, Job.created_at < func.now() - older_than)
+        .order_by(Job.created_at)
+        .limit(batch)
+        .with_for_update(skip_locked=True)
+    )
+    return list(rows.scalars())
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,20 @@ WEBHOOK_DELIVERIES = Counter(
     namespace=NAMESPACE,
 )
 SWEEPS = Counter("sweeps", "Sweeps run.", namespace=NAMESPACE)
+WIRO_UNKNOWN_STATUS = Counter(
+    "wiro_unknown_status",
+    "Task statuses reported by Wiro that none of its documented lists names (treated as "
+    "still running), by status.",
+    ["status"],
+    namespace=NAMESPACE,
+)
+WIRO_ACCOUNT_REFUSALS = Counter(
+    "wiro_account_refusals",
+    "Runs Wiro refused for our account (credentials or balance), by reason; admission "
+    "pauses while it lasts.",
+    ["reason"],
+    namespace=NAMESPACE,
+)
 
 
 def wiro_outcome(exc: BaseException | None) -> str:
@@ -127,10 +141,14 @@ class StateCollector(Collector):
     """Gauges read at scrape time: jobs by status (PostgreSQL), Celery queue depth (Redis)."""
 
     def __init__(
-        self, counts: Callable[[], dict[str, int]], queue_depth: Callable[[], int]
+        self,
+        counts: Callable[[], dict[str, int]],
+        queue_depth: Callable[[], int],
+        account_refused_since: Callable[[], float | None] | None = None,
     ) -> None:
         self._counts = counts
         self._queue_depth = queue_depth
+        self._account_refused_since = account_refused_since
 
     def collect(self) -> Iterable[Metric]:
         jobs = GaugeMetricFamily(f"{NAMESPACE}_jobs", "Jobs in each state, now.", labels=["status"])
@@ -142,6 +160,14 @@ class StateCollector(Collector):
             "Task messages waiting in the Celery queue (Redis LLEN), now.",
             value=self._queue_depth(),
         )
+        if self._account_refused_since is not None:
+            since = self._account_refused_since()
+            yield GaugeMetricFamily(
+                f"{NAMESPACE}_wiro_account_refused_since_seconds",
+                "Since when (unix time) Wiro refuses our account (credentials or balance) "
+                "and admission is paused; 0 while Wiro accepts us.",
+                value=since or 0.0,
+            )
 
 
 def multiprocess_dir() -> str | None:
@@ -166,6 +192,8 @@ def render(extra: Collector | None = None) -> tuple[bytes, str]:
             S3_LATENCY,
             WEBHOOK_DELIVERIES,
             SWEEPS,
+            WIRO_UNKNOWN_STATUS,
+            WIRO_ACCOUNT_REFUSALS,
         ):
             registry.register(collector)
     if extra is not None:

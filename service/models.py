@@ -154,6 +154,14 @@ class Job(Base):
     poll_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The client's Cancel-After as an instant: past it the job is canceled wherever it is.
+    deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A task to stop at Wiro (cancel, deadline, timeout): when the sweep tries next; NULL
+    # when there is nothing to stop. It outlives the job's end until Wiro confirms.
+    wiro_stop_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    wiro_stop_attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # Wiro accepted a Cancel or Kill: from then on the job can no longer succeed.
+    wiro_stop_accepted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     inputs: Mapped[list[JobInput]] = relationship(
         back_populates="job", order_by="JobInput.position"
@@ -200,6 +208,23 @@ class Job(Base):
             "ix_jobs_finished_at",
             "finished_at",
             postgresql_where=text("status = 'succeeded' AND run_sent_at IS NOT NULL"),
+        ),
+        Index(
+            "ix_jobs_deadline_active",
+            "deadline_at",
+            postgresql_where=text(
+                "deadline_at IS NOT NULL AND status IN ('queued', 'submitting', 'running')"
+            ),
+        ),
+        Index(
+            "ix_jobs_running_run_sent",
+            "run_sent_at",
+            postgresql_where=text("status = 'running'"),
+        ),
+        Index(
+            "ix_jobs_wiro_stop_due",
+            "wiro_stop_next_at",
+            postgresql_where=text("wiro_stop_next_at IS NOT NULL"),
         ),
         Index(
             "ix_jobs_active_updated",
@@ -333,6 +358,28 @@ class WiroAdmission(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
+    # Wiro refuses our account (credentials or balance) since then; NULL when it does not.
+    account_refused_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    account_reason: Mapped[str | None] = mapped_column(String(16))
+    account_message: Mapped[str | None] = mapped_column(Text)
+    account_refusals: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # While refused, no probe Run before this instant.
+    account_probe_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WiroStatusSeen(Base):
+    """A status Wiro reported that none of its documented lists names (WIRO.md)."""
+
+    __tablename__ = "wiro_statuses_seen"
+
+    status: Mapped[str] = mapped_column(String(64), primary_key=True)
+    first_seen: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    last_seen: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    count: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="1")
 
 
 class WebhookDelivery(Base):

@@ -18,7 +18,15 @@ from sqlalchemy import and_, case, func, or_, select, text
 from sqlalchemy.orm import Session, selectinload
 
 from service import jobs
-from service.models import ACTIVE, Job, JobStatus, WebhookDelivery, WebhookMessage, WiroAdmission
+from service.models import (
+    ACTIVE,
+    Job,
+    JobStatus,
+    WebhookDelivery,
+    WebhookMessage,
+    WiroAdmission,
+    WiroStatusSeen,
+)
 
 WINDOW = timedelta(hours=1)
 
@@ -177,22 +185,53 @@ def stats(
         "recent_failures": recent_failures(session),
         "failing_webhooks": failing_webhooks(session, window),
         "admission": admission_state(session, max_in_flight, by_status),
+        "wiro_unknown_statuses": unknown_statuses(session),
     }
 
 
 def admission_state(session: Session, setting: int, by_status: dict[str, int]) -> dict[str, Any]:
-    """The admission limit as set, as in force now, and the level Wiro last refused at."""
-    row = session.execute(
-        select(WiroAdmission.limit_in_force, WiroAdmission.ceiling).where(WiroAdmission.id == 1)
-    ).first()
-    in_force = setting if row is None else max(1, min(setting, row[0]))
+    """The admission limit as set, as in force now, the level Wiro last refused at, and
+    whether Wiro refuses our account (admission paused) since when."""
+    row = session.execute(select(WiroAdmission).where(WiroAdmission.id == 1)).scalar_one_or_none()
+    in_force = setting if row is None else max(1, min(setting, row.limit_in_force))
+    refused = row is not None and row.account_refused_since is not None
     return {
         "setting": setting,
         "limit_in_force": in_force,
-        "ceiling": None if row is None else row[1],
+        "ceiling": None if row is None else row.ceiling,
         "in_flight": by_status.get("submitting", 0) + by_status.get("running", 0),
         "queued": by_status.get("queued", 0),
+        "account_refused": {
+            "since": row.account_refused_since,
+            "reason": row.account_reason,
+            "message": row.account_message,
+            "refusals": row.account_refusals,
+            "next_probe_at": row.account_probe_at,
+        }
+        if refused and row is not None
+        else None,
     }
+
+
+def account_refused_since(session: Session) -> float | None:
+    """Unix time since when Wiro refuses our account, or None (the metrics' gauge)."""
+    value = session.execute(
+        select(func.extract("epoch", WiroAdmission.account_refused_since)).where(
+            WiroAdmission.id == 1
+        )
+    ).scalar_one_or_none()
+    return None if value is None else float(value)
+
+
+def unknown_statuses(session: Session) -> list[dict[str, Any]]:
+    """Statuses Wiro reported that none of its documented lists names, most recent first."""
+    rows = session.execute(
+        select(WiroStatusSeen).order_by(WiroStatusSeen.last_seen.desc()).limit(20)
+    ).scalars()
+    return [
+        {"status": r.status, "first_seen": r.first_seen, "last_seen": r.last_seen, "count": r.count}
+        for r in rows
+    ]
 
 
 def _money(value: Any) -> str:

@@ -20,25 +20,26 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from service import admission, jobs, metrics, webhooks
 from service.container import Services
 from service.db import transaction
-from service.models import Job, JobEvent, JobOutput
+from service.models import TERMINAL, Job, JobEvent, JobOutput, WiroStatusSeen
 from service.models import JobStatus as S
 from service.storage import StoredObject
 from service.wiro import (
     CODE_CONCURRENCY,
-    QUEUED_STATUSES,
     Outcome,
     RunInput,
+    WiroAccountRefused,
     WiroError,
     WiroRefused,
     WiroRejected,
     WiroTask,
     WiroUncertain,
+    stop_calls,
 )
 
 log = structlog.get_logger(__name__)
@@ -89,6 +90,8 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
     bound = log.bind(job_id=str(job_id))
     try:
         accepted = _run(svc, job, callback_url(svc.settings.public_url, job_id, token))
+    except _NotSent:
+        return  # the job ended (a deadline, a cancel) before its Run left; nothing to undo
     except WiroRefused as exc:
         _after_refusal(svc, job, exc, attempt)
         return
@@ -126,13 +129,29 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
             last_news_at=func.now(),
             next_poll_at=_first_poll(svc),
         )
+        # The job ended while its Run was on the way (its deadline passed): Wiro now holds
+        # a task that nobody waits for. Keep its id, and stop it there.
+        orphan = moved is None and jobs.update_fields(
+            s,
+            job_id,
+            when=TERMINAL,
+            guard=Job.wiro_taskid.is_(None),
+            wiro_taskid=accepted.taskid,
+            wiro_socket_token=accepted.socket_token,
+            wiro_status="task_queue",
+            wiro_stop_next_at=func.now(),
+        )
         current = jobs.get(s, job_id, full=False)
     admission.run_accepted(svc)
     webhooks.announce(svc, moved)
     structlog.contextvars.bind_contextvars(taskid=accepted.taskid)
-    bound.info("run_accepted", taskid=accepted.taskid, moved=bool(moved))
-    if current is not None and current.cancel_requested_at is not None:
-        cancel_at_wiro(svc, job_id)
+    bound.info("run_accepted", taskid=accepted.taskid, moved=bool(moved), orphan=orphan)
+    if orphan or (current is not None and current.cancel_requested_at is not None):
+        stop_at_wiro(svc, job_id)
+
+
+class _NotSent(Exception):
+    """The job left ``submitting`` before its Run was sent: it must not be sent."""
 
 
 def _run(svc: Services, job: Job, callback: str) -> Any:
@@ -146,9 +165,11 @@ def _run(svc: Services, job: Job, callback: str) -> Any:
                 )
             else:
                 parts.append(RunInput(url=item.url))
-        # From this commit on, Wiro may hold a task for this job.
+        # From this commit on, Wiro may hold a task for this job. A job moved meanwhile (its
+        # deadline passed) is not sent at all.
         with transaction(svc.sessions) as s:
-            jobs.update_fields(s, job.id, when=[S.submitting], run_sent_at=func.now())
+            if not jobs.update_fields(s, job.id, when=[S.submitting], run_sent_at=func.now()):
+                raise _NotSent
         return svc.wiro.run(
             inputs=parts,
             prompt=job.prompt,
@@ -167,11 +188,17 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
     """Wiro certainly did not take the job: queue it again, or fail it past the deadline.
 
     A refusal for concurrency (96/429) lowers the admission limit and never fails the job:
-    it only means we sent too many at once, not that this job is unwelcome.
+    it only means we sent too many at once, not that this job is unwelcome. A refusal of
+    our account (credentials, balance) pauses admission for everyone (one probe Run at a
+    time) and puts the job back first in line: it is no fault of the job's, and it fails
+    only at SUBMIT_DEADLINE_S, as ``wiro_unavailable``.
     """
     busy = _is_concurrency(exc)
+    account = isinstance(exc, WiroAccountRefused)
     if busy:
         admission.concurrency_refused(svc, job.id)
+    elif isinstance(exc, WiroAccountRefused):
+        admission.account_refused(svc, exc)
     age = (datetime.now(UTC) - job.created_at).total_seconds()
     if not busy and age > svc.settings.submit_deadline_s:
         with transaction(svc.sessions) as s:
@@ -199,6 +226,8 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
             canceled = None
             if exc.retry_after is not None:
                 delay = exc.retry_after
+            elif account:
+                delay = 0.0  # admission's pause spaces the probes, not the job's own clock
             elif busy:
                 delay = random.uniform(0.5, 2.0)  # the slot limit, not time, is the back-off
             else:
@@ -215,10 +244,47 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
             )
     webhooks.announce(svc, canceled)
     admission.released(svc, canceled)
-    if moved:
+    if moved and account:
+        # The next probe is due when admission's pause says so (at most 30 s away).
+        admission.request(svc, countdown=admission.account_probe_delay(svc))
+    elif moved:
         # Another queued job may take the slot now; this one is ready again after ``delay``.
         admission.request(svc)
         admission.request(svc, countdown=delay)
+
+
+def fail_while_paused(svc: Services) -> int:
+    """While Wiro refuses our account, fail queued jobs older than SUBMIT_DEADLINE_S.
+
+    Admission sends only probes then, so these jobs never reach Wiro to be refused on
+    their own; they end as a refused job would at that age: ``wiro_unavailable``.
+    """
+    cfg = svc.settings
+    failed: list[jobs.Moved] = []
+    with transaction(svc.sessions) as s:
+        state = admission.account_state(s)
+        if state is None:
+            return 0
+        for job_id in jobs.queued_since(
+            s, older_than=timedelta(seconds=cfg.submit_deadline_s), batch=cfg.sweep_batch
+        ):
+            moved = jobs.transition(
+                s,
+                job_id,
+                S.failed,
+                from_=[S.queued],
+                detail={"reason": "wiro_account_refused", **state},
+                error_code="wiro_unavailable",
+                error_message=(
+                    f"Wiro refused our {state['reason'] or 'account'} for the whole "
+                    f"SUBMIT_DEADLINE_S ({int(cfg.submit_deadline_s)} s): {state['message']}"
+                ),
+            )
+            if moved:
+                failed.append(moved)
+    for moved in failed:
+        webhooks.announce(svc, moved)
+    return len(failed)
 
 
 def _refusals(s: Any, job_id: uuid.UUID) -> int:
@@ -361,18 +427,29 @@ def _callback_is_ours(url: str | None, job: Job) -> bool:
 
 
 def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str) -> None:
-    """Move a running job as Wiro's task says (WIRO.md's outcome rules)."""
+    """Move a running job as Wiro's task says (WIRO.md's outcome rules).
+
+    Only task_postprocess_end and task_cancel end a task; task_error (Wiro's interim
+    stderr event) and statuses no list names mean it still runs. A task that succeeded
+    after Wiro accepted our Cancel or Kill ends the job canceled: a cancel Wiro accepted is
+    never reported as a success.
+    """
     outcome = task.outcome
-    detail = {"source": source, "wiro_status": task.status}
-    common: dict[str, Any] = {"wiro_status": task.status, "last_news_at": func.now()}
+    detail: dict[str, Any] = {"source": source, "wiro_status": task.status}
+    common: dict[str, Any] = {"wiro_status": task.status[:40], "last_news_at": func.now()}
     if task.totalcost is not None:
         common["wiro_cost"] = task.totalcost
     with transaction(svc.sessions) as s:
+        if not task.known:
+            _note_unknown_status(s, task.status)
         if outcome is Outcome.running:
             # News puts the next poll at least a grace period away (keeping any backoff).
             later = func.greatest(Job.next_poll_at, _first_poll(svc))
             jobs.update_fields(s, job_id, when=[S.running], next_poll_at=later, **common)
             return
+        # The task ended at Wiro: nothing is left to stop there.
+        common["wiro_stop_next_at"] = None
+        moved = None
         if outcome is Outcome.succeeded:
             moved = jobs.transition(
                 s,
@@ -380,10 +457,14 @@ def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str)
                 S.finalizing,
                 from_=[S.running],
                 detail=detail,
+                guard=Job.wiro_stop_accepted_at.is_(None),
                 wiro_outputs=[o.as_json() for o in task.outputs],
                 **common,
             )
-        elif outcome is Outcome.failed:
+            if moved is None:
+                outcome = Outcome.canceled  # when Wiro had accepted our cancel
+                detail["finished_after_cancel_accepted"] = True
+        if outcome is Outcome.failed:
             moved = jobs.transition(
                 s,
                 job_id,
@@ -394,7 +475,7 @@ def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str)
                 error_message=task.failure_message,
                 **common,
             )
-        else:
+        elif outcome is Outcome.canceled:
             moved = jobs.transition(
                 s, job_id, S.canceled, from_=[S.running], detail=detail, **common
             )
@@ -406,6 +487,27 @@ def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str)
         # Inline, not a task hop: only the caller that moved the job gets here, and a crash
         # mid-copy leaves it in finalizing, which the sweep finalizes again (STUCK_AFTER_S).
         finalize(svc, job_id)
+
+
+# Statuses already logged by this process: one warning per status, not one per poll.
+_UNKNOWN_LOGGED: set[str] = set()
+
+
+def _note_unknown_status(s: Any, status: str) -> None:
+    """Count a status that none of Wiro's lists names; /ops lists them (wiro_statuses_seen)."""
+    name = status[:64]
+    metrics.WIRO_UNKNOWN_STATUS.labels(name).inc()
+    if name not in _UNKNOWN_LOGGED:
+        _UNKNOWN_LOGGED.add(name)
+        log.warning("wiro_unknown_status", status=name)
+    s.execute(
+        pg_insert(WiroStatusSeen)
+        .values(status=name)
+        .on_conflict_do_update(
+            index_elements=[WiroStatusSeen.status],
+            set_={"last_seen": func.now(), "count": WiroStatusSeen.count + 1},
+        )
+    )
 
 
 # -- finalize ----------------------------------------------------------------------------
@@ -525,7 +627,8 @@ class NotCancelable(Exception):
 
 
 def request_cancel(svc: Services, job_id: uuid.UUID) -> bool:
-    """Cancel locally when Wiro has nothing yet; otherwise ask a worker to. True if done now."""
+    """Cancel locally when Wiro has nothing yet; otherwise stop the task there, for as long
+    as it takes (the sweep keeps at it). True when the job is canceled already."""
     with transaction(svc.sessions) as s:
         canceled = jobs.transition(s, job_id, S.canceled, from_=[S.queued], detail={"by": "client"})
     if canceled is not None:
@@ -539,33 +642,181 @@ def request_cancel(svc: Services, job_id: uuid.UUID) -> bool:
             return True
         if job.status not in (S.submitting, S.running):
             raise NotCancelable(job.status)
-        jobs.update_fields(
-            s, job_id, when=[S.submitting, S.running], cancel_requested_at=func.now()
+        asked = jobs.update_fields(
+            s,
+            job_id,
+            when=[S.submitting, S.running],
+            guard=Job.cancel_requested_at.is_(None),
+            cancel_requested_at=func.now(),
+            wiro_stop_next_at=func.now(),
         )
+        if asked:
+            jobs.note(s, job_id, "cancel_requested", {"by": "client"})
     svc.queue.cancel(job_id)
     return False
 
 
-def cancel_at_wiro(svc: Services, job_id: uuid.UUID) -> None:
-    """Task/Cancel while Wiro queues the task, Task/Kill once it runs."""
+def expire(svc: Services, job_id: uuid.UUID, *, reason: str) -> None:
+    """End a job whose deadline passed, at once, and stop its task at Wiro afterwards.
+
+    ``deadline``: the client's Cancel-After passed; the job ends canceled
+    (``deadline_exceeded``) wherever it is. ``timeout``: Wiro held the task longer than
+    WIRO_TASK_TIMEOUT_S; the job ends failed (``wiro_task_timeout``). Either way its
+    admission slot is free from this commit on, not from when Wiro confirms the stop.
+    """
+    cfg = svc.settings
+    with transaction(svc.sessions) as s:
+        if reason == "deadline":
+            moved = jobs.transition(
+                s,
+                job_id,
+                S.canceled,
+                from_=[S.queued, S.submitting, S.running],
+                guard=Job.deadline_at <= func.now(),
+                detail={"by": "deadline"},
+                error_code="deadline_exceeded",
+                error_message="Cancel-After passed before the job finished",
+                # Wiro may hold a task once a Run has left: stop it there too.
+                wiro_stop_next_at=case((Job.run_sent_at.is_not(None), func.now()), else_=None),
+            )
+        else:
+            timeout = timedelta(seconds=cfg.wiro_task_timeout_s)
+            moved = jobs.transition(
+                s,
+                job_id,
+                S.failed,
+                from_=[S.running],
+                guard=Job.run_sent_at < func.now() - timeout,
+                detail={"reason": "wiro_task_timeout", "timeout_s": cfg.wiro_task_timeout_s},
+                error_code="wiro_task_timeout",
+                error_message=(
+                    f"Wiro did not finish the task within {int(cfg.wiro_task_timeout_s)} s; "
+                    "it is being stopped there"
+                ),
+                wiro_stop_next_at=func.now(),
+            )
+        stopping = moved is not None and moved.from_status != S.queued
+    webhooks.announce(svc, moved)
+    admission.released(svc, moved)
+    if stopping:
+        svc.queue.cancel(job_id)
+
+
+STOP_LEASE = timedelta(seconds=60)
+
+
+def stop_at_wiro(svc: Services, job_id: uuid.UUID) -> None:
+    """Stop the job's task at Wiro, trying again later until Wiro confirms or it ends.
+
+    Cancel works only while Wiro queues the task and Kill only after task_assign, so the
+    calls are chosen from Wiro's latest status (``wiro.stop_calls``); a refusal (code 1:
+    not cancellable, not killable yet, no such task yet) or an error is tried again with
+    backoff by the sweep, through ``wiro_stop_next_at``, until Wiro reports task_cancel
+    or the task's end. A running job then ends as Wiro says; a job that already ended here
+    (deadline, timeout) only records how the task ended at Wiro.
+    """
     with transaction(svc.sessions) as s:
         job = jobs.get(s, job_id, full=False)
-    if job is None or job.status != S.running or job.wiro_taskid is None:
-        return  # a job still submitting is canceled by submit once Wiro names its task
-    try:
-        # Our wiro_status may be old; one read decides between Cancel and Kill.
-        task = svc.wiro.task_detail(taskid=job.wiro_taskid)
-        if task.outcome is Outcome.running:
-            if task.status in QUEUED_STATUSES:
-                try:
-                    task = svc.wiro.cancel(taskid=job.wiro_taskid)
-                except WiroRejected:
-                    task = svc.wiro.kill(taskid=job.wiro_taskid)  # it left the queue meanwhile
-            else:
-                task = svc.wiro.kill(taskid=job.wiro_taskid)
-    except WiroError as exc:
-        log.warning("cancel_failed", job_id=str(job_id), error=exc.message)
-        with transaction(svc.sessions) as s:
-            jobs.note(s, job_id, "cancel_failed", exc.as_detail())
+    if job is None or job.wiro_stop_next_at is None:
         return
-    apply_task(svc, job_id, task, source="cancel")
+    taskid = job.wiro_taskid
+    if taskid is None:
+        if job.status == S.submitting:
+            _stop_later(svc, job, {"waiting": "no taskid yet"})  # submit stops it once named
+        else:
+            _stop_ended(svc, job, None)  # no Run ever left: nothing is at Wiro
+        return
+    structlog.contextvars.bind_contextvars(taskid=taskid)
+    task: WiroTask | None = None
+    try:
+        task = svc.wiro.task_detail(taskid=taskid)
+    except WiroRejected:
+        pass  # "There is no task yet.": Wiro may still hold it; try both calls
+    except WiroError as exc:
+        _stop_later(svc, job, {"detail": exc.message})
+        return
+    if task is not None and task.outcome is not Outcome.running:
+        _stop_ended(svc, job, task)
+        return
+    answer: WiroTask | None = None
+    tried: dict[str, str] = {}
+    for call in stop_calls(task.status if task else None):
+        try:
+            answer = (
+                svc.wiro.cancel(taskid=taskid) if call == "cancel" else svc.wiro.kill(taskid=taskid)
+            )
+        except WiroRejected as exc:
+            tried[call] = exc.message
+            continue
+        except WiroError as exc:
+            tried[call] = exc.message
+            break
+        tried[call] = "accepted"
+        break
+    if answer is None:
+        log.info("wiro_stop_refused", job_id=str(job_id), wiro_status=task and task.status, **tried)
+        _stop_later(svc, job, {"wiro_status": task and task.status, **tried})
+        return
+    with transaction(svc.sessions) as s:
+        first = jobs.update_fields(
+            s,
+            job_id,
+            when=list(S),
+            guard=Job.wiro_stop_accepted_at.is_(None),
+            wiro_stop_accepted_at=func.now(),
+        )
+        if first:
+            jobs.note(s, job_id, "wiro_stop_accepted", {"wiro_status": answer.status, **tried})
+    if answer.outcome is not Outcome.running:
+        _stop_ended(svc, job, answer)
+    else:  # accepted, but the task has not reached task_cancel yet: look again soon
+        _stop_later(svc, job, None)
+
+
+def _stop_later(svc: Services, job: Job, why: dict[str, Any] | None) -> None:
+    """Try the stop again after a backoff, or give up after WIRO_STOP_ATTEMPTS tries."""
+    cfg = svc.settings
+    attempt = job.wiro_stop_attempts
+    with transaction(svc.sessions) as s:
+        if attempt + 1 >= cfg.wiro_stop_attempts:
+            jobs.update_fields(s, job.id, when=list(S), wiro_stop_next_at=None)
+            jobs.note(s, job.id, "wiro_stop_abandoned", {"attempts": attempt + 1, **(why or {})})
+            log.warning("wiro_stop_abandoned", job_id=str(job.id), attempts=attempt + 1)
+            return
+        top = min(cfg.wiro_stop_backoff_cap_s, 2.0 * 2**attempt)
+        delay = top / 2 + random.uniform(0, top / 2)
+        jobs.update_fields(
+            s,
+            job.id,
+            when=list(S),
+            guard=Job.wiro_stop_next_at.is_not(None),
+            wiro_stop_next_at=func.now() + timedelta(seconds=delay),
+            wiro_stop_attempts=Job.wiro_stop_attempts + 1,
+        )
+        # The first refusals are worth a timeline entry; then one in ten (bounded).
+        if why and (attempt < 5 or attempt % 10 == 0):
+            jobs.note(s, job.id, "wiro_stop_retry", {"attempt": attempt, "delay": delay, **why})
+
+
+def _stop_ended(svc: Services, job: Job, task: WiroTask | None) -> None:
+    """The task ended at Wiro (or never existed): stop trying; the job ends as Wiro says."""
+    if task is not None and job.status == S.running:
+        apply_task(svc, job.id, task, source="cancel")  # clears wiro_stop_next_at
+        return
+    with transaction(svc.sessions) as s:
+        values: dict[str, Any] = {"wiro_stop_next_at": None}
+        if task is not None:
+            values["wiro_status"] = task.status[:40]
+            if task.totalcost is not None:
+                values["wiro_cost"] = task.totalcost
+        if jobs.update_fields(s, job.id, when=TERMINAL, **values) and task is not None:
+            jobs.note(
+                s,
+                job.id,
+                "wiro_task_ended",
+                {
+                    "wiro_status": task.status,
+                    "pexit": task.pexit,
+                    "cost": None if task.totalcost is None else str(task.totalcost),
+                },
+            )

@@ -48,6 +48,17 @@ class Settings(BaseSettings):
     wiro_max_in_flight: int = Field(8, ge=1)
     wiro_admission_increase_after: int = Field(10, ge=1)
     wiro_admission_probe_after: int = Field(500, ge=1)
+    # -- Wiro's tasks: deadlines and stopping (docs/decisions/0011) --
+    # A task at Wiro longer than this (from its Run) is stopped there and the job fails
+    # ``wiro_task_timeout``; its admission slot is freed at once.
+    wiro_task_timeout_s: float = Field(1800.0, gt=0)
+    # Stopping a task at Wiro (a cancel, a deadline, a timeout) is tried again with backoff
+    # up to this cap while Wiro refuses, at most WIRO_STOP_ATTEMPTS times (about a day).
+    wiro_stop_backoff_cap_s: float = Field(300.0, gt=0)
+    wiro_stop_attempts: int = Field(300, ge=1)
+    # While Wiro refuses our account (credentials, balance), one probe Run at most this
+    # far apart (backing off from 1 s): a fixed key is noticed within this long.
+    wiro_account_probe_max_s: float = Field(30.0, gt=0)
     finalize_attempts: int = Field(5, ge=1)
     output_read_timeout_s: float = Field(60.0, gt=0)
 

@@ -1,6 +1,8 @@
 """The periodic sweep: poll Wiro for silent jobs and re-send work a crash left behind.
 
-It also runs an admission pass (service/admission.py) each time."""
+It also ends jobs past their deadline (Cancel-After, WIRO_TASK_TIMEOUT_S), keeps stopping
+tasks at Wiro until Wiro confirms, and runs an admission pass (service/admission.py). Every
+one of these is found through an index, never by a timer per job (docs/decisions/0011)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from datetime import timedelta
 
 import structlog
 
-from service import admission, jobs, metrics, webhooks
+from service import admission, jobs, metrics, pipeline, webhooks
 from service.container import Services
 from service.db import transaction
 from service.models import JobStatus as S
@@ -22,6 +24,10 @@ class SweepReport:
     """What one sweep did, by kind of repair."""
 
     polled: int = 0
+    deadlines: int = 0
+    timeouts: int = 0
+    stops: int = 0
+    expired_paused: int = 0
     resubmitted: int = 0
     requeued_unsent: int = 0
     failed_uncertain: int = 0
@@ -98,6 +104,32 @@ def sweep(svc: Services) -> SweepReport:
     report.failed_uncertain = len(failed)
     for run in hinted:
         svc.queue.reconcile(run.job_id, source="sweep", taskid=run.hint)
+
+    # Deadlines: each job past its Cancel-After, or at Wiro past WIRO_TASK_TIMEOUT_S, ends
+    # at once (its slot is free for the admission pass below); its task is stopped after.
+    with transaction(svc.sessions) as s:
+        late = jobs.past_deadline(s, batch=cfg.sweep_batch)
+    for job_id in late:
+        pipeline.expire(svc, job_id, reason="deadline")
+    report.deadlines = len(late)
+    with transaction(svc.sessions) as s:
+        over = jobs.timed_out(
+            s, older_than=timedelta(seconds=cfg.wiro_task_timeout_s), batch=cfg.sweep_batch
+        )
+    for job_id in over:
+        pipeline.expire(svc, job_id, reason="timeout")
+    report.timeouts = len(over)
+
+    # Tasks to stop at Wiro whose next try is due (refused, not yet confirmed, lost message).
+    with transaction(svc.sessions) as s:
+        stops = jobs.due_stops(s, lease=pipeline.STOP_LEASE, batch=cfg.sweep_batch)
+    for job_id in stops:
+        svc.queue.cancel(job_id)
+    report.stops = len(stops)
+
+    # While Wiro refuses our account nothing leaves the queue: jobs past SUBMIT_DEADLINE_S
+    # fail as wiro_unavailable, as they would after refusals of their own.
+    report.expired_paused = pipeline.fail_while_paused(svc)
 
     # Queued jobs into free slots: covers admission requests lost on the way (broker down,
     # worker killed before ack) and the slots the repairs above just freed.

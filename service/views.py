@@ -23,6 +23,11 @@ class WiroInfo(BaseModel):
     taskid: str | None
     status: str | None = Field(description="Wiro's own status, e.g. task_start.")
     cost: str | None = Field(description="Wiro's totalcost, when known.")
+    stopping: bool = Field(
+        False,
+        description="The gateway is still stopping the task at Wiro (a cancel or a deadline) "
+        "and tries again until Wiro confirms or the task ends.",
+    )
 
 
 class InputOut(BaseModel):
@@ -100,9 +105,28 @@ class JobOut(BaseModel):
     error: ErrorOut | None
     timeline: list[EventOut] | None = None
     cancel_requested: bool
+    cancel_outcome: Literal["pending", "canceled", "finished_first"] | None = Field(
+        None,
+        description="After a client's cancel: `pending` while it is carried out at Wiro, "
+        "`canceled` once it took effect, `finished_first` when Wiro had finished the task "
+        "before the cancel could (the job then ends as the task did).",
+    )
+    deadline_at: datetime | None = Field(
+        None, description="When the job's `Cancel-After` passes (absent without one)."
+    )
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+
+
+def _cancel_outcome(job: Job) -> Literal["pending", "canceled", "finished_first"] | None:
+    if job.cancel_requested_at is None:
+        return None
+    if job.status == JobStatus.canceled:
+        return "canceled"
+    if JobStatus(job.status).terminal or job.status == JobStatus.finalizing:
+        return "finished_first"
+    return "pending"
 
 
 def job_out(job: Job, storage: Storage, ttl_s: int, *, full: bool) -> JobOut:
@@ -121,6 +145,7 @@ def job_out(job: Job, storage: Storage, ttl_s: int, *, full: bool) -> JobOut:
             taskid=job.wiro_taskid,
             status=job.wiro_status,
             cost=None if job.wiro_cost is None else format(job.wiro_cost.normalize(), "f"),
+            stopping=job.wiro_stop_next_at is not None,
         ),
         inputs=[InputOut.model_validate(i) for i in job.inputs] if full else None,
         outputs=[
@@ -153,6 +178,8 @@ def job_out(job: Job, storage: Storage, ttl_s: int, *, full: bool) -> JobOut:
         if full
         else None,
         cancel_requested=job.cancel_requested_at is not None,
+        cancel_outcome=_cancel_outcome(job),
+        deadline_at=job.deadline_at,
         created_at=job.created_at,
         updated_at=job.updated_at,
         finished_at=job.finished_at,

@@ -1,16 +1,24 @@
 """Wiro's HTTP API: signing, Run, Task/Detail, Task/Kill, Task/Cancel, and typed errors.
 
-Retry policy (also in the README):
+Retry policy (also in the README, "Wiro client policy"):
 
 * Task/Detail, Kill and Cancel are safe to repeat; they are retried here on connection
   errors, timeouts, 408, 429, 5xx and Wiro error code 96, up to ``attempts`` times with
-  jittered exponential backoff, honouring ``Retry-After`` (capped).
-* Run is never retried here. Its failures are classified so the caller can decide:
-  ``WiroRefused`` means Wiro certainly did not accept the task (the connection was never
-  made, or Wiro answered 429/503 or code 96) and it is safe to send again later;
-  ``WiroUncertain`` means the request may have created a task (read timeout, 500/502/504,
-  an unreadable answer) and it must not be sent again; ``WiroRejected`` means Wiro said
-  no for good (validation, balance, auth).
+  jittered exponential backoff, honouring ``Retry-After`` (capped). An account refusal
+  (below) is not retried here: it will not pass within seconds.
+* Run is never retried here. Its failures are classified by what Wiro did, so the caller
+  can decide: ``WiroRefused`` means Wiro certainly did not accept the task (the connection
+  was never made, or Wiro answered 429/503 or code 96) and it is safe to send again later;
+  ``WiroAccountRefused``, a kind of refusal, means Wiro refused our account (HTTP 401/403,
+  an authentication message, code 97/98/99): no task was made, and every other Run would
+  be refused the same way until someone fixes the key or the balance; ``WiroUncertain``
+  means the request may have created a task (408, read timeout, 500/502/504, an
+  unreadable answer) and it must not be sent again; ``WiroRejected`` means Wiro refused
+  this request for good (validation, model not found).
+
+Statuses (WIRO.md, "The task's life"): only ``task_postprocess_end`` and ``task_cancel``
+end a task. ``task_error`` is Wiro's interim stderr event, and any status that no list
+names yet means "still running" too (``WiroTask.known`` tells them apart for logging).
 """
 
 from __future__ import annotations
@@ -22,40 +30,80 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import httpx
 from tenacity import (
     RetryCallState,
     Retrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_random_exponential,
 )
 
 from service import metrics
 
-RUNNING_STATUSES = frozenset(
-    {
-        "task_queue",
-        "task_accept",
-        "task_assign",
-        "task_preprocess_start",
-        "task_preprocess_end",
-        "task_start",
-        "task_output",
-        "task_output_full",
-        "task_end",
-        "task_postprocess_start",
-    }
+# Wiro's lifecycle in the order of its docs (tasks.md); order is not relied on.
+LIFECYCLE = (
+    "task_queue",
+    "task_accept",
+    "task_preprocess_start",
+    "task_preprocess_end",
+    "task_assign",
+    "task_start",
+    "task_output",
+    "task_output_full",
+    "task_end",
+    "task_postprocess_start",
+    "task_postprocess_end",
 )
+TERMINAL_STATUSES = frozenset({"task_postprocess_end", "task_cancel"})
+# Interim events (stderr) and the realtime models' statuses: named, never terminal.
+INTERIM_STATUSES = frozenset(
+    {"task_error", "task_error_full", "task_stream_ready", "task_stream_end", "task_cost"}
+)
+KNOWN_STATUSES = frozenset(LIFECYCLE) | TERMINAL_STATUSES | INTERIM_STATUSES
+RUNNING_STATUSES = KNOWN_STATUSES - TERMINAL_STATUSES
 QUEUED_STATUSES = frozenset({"task_queue"})
+# Accepted by a worker but not yet on a GPU: Cancel and Kill may both refuse (code 1).
+PREPROCESSING_STATUSES = frozenset({"task_accept", "task_preprocess_start", "task_preprocess_end"})
 
 CODE_VALIDATION = 0
 CODE_NOT_FOUND = 1
 CODE_CONCURRENCY = 96
 CODE_BALANCE = 97
+CODE_SIGN_IN = 98
+CODE_TOKEN = 99
 MAX_RETRY_AFTER_S = 60.0
+
+# Words of Wiro's account errors (error-reference.md: "Project authorization is not
+# founded.", "... requires signature authentication ...", "Requested ip ... is not
+# allowed.", "Your account has been suspended ...", "You don't have any permission ..."):
+# a code 0 with one of them is an account refusal, not a validation error.
+_AUTH_WORDS = (
+    "authoriz",
+    "signature",
+    "x-api-key",
+    "api key",
+    "not allowed",
+    "sign in",
+    "suspended",
+    "permission",
+)
+
+StopCall = Literal["cancel", "kill"]
+
+
+def stop_calls(status: str | None) -> tuple[StopCall, ...]:
+    """Which calls may stop a task in ``status``, the likelier first.
+
+    Cancel works only while Wiro queues the task, Kill only after ``task_assign``; between
+    the two (preprocessing) both may refuse, and a status we have not seen (or a task
+    Task/Detail cannot find yet) could be either side, so both are tried.
+    """
+    if status in QUEUED_STATUSES or status in PREPROCESSING_STATUSES or status is None:
+        return ("cancel", "kill")
+    return ("kill", "cancel")
 
 
 class WiroError(Exception):
@@ -88,6 +136,19 @@ class WiroError(Exception):
 
 class WiroRefused(WiroError):
     """Wiro certainly did not act on the request; sending it again later is safe."""
+
+
+class WiroAccountRefused(WiroRefused):
+    """Wiro refused our account (credentials or balance): no task was made, and no Run
+    will pass until someone fixes it. ``reason`` is ``credentials`` or ``balance``."""
+
+    def __init__(self, message: str, *, reason: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.reason = reason
+
+    def as_detail(self) -> dict[str, Any]:
+        """The timeline's description, with the reason."""
+        return {**super().as_detail(), "reason": self.reason}
 
 
 class WiroUncertain(WiroError):
@@ -141,12 +202,16 @@ class WiroTask:
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
+    def known(self) -> bool:
+        """False for a status that none of Wiro's lists names (it still means running)."""
+        return self.status in KNOWN_STATUSES
+
+    @property
     def outcome(self) -> Outcome:
-        """Classify the task as WIRO.md says: terminal statuses, pexit and outputs decide."""
+        """Classify the task as WIRO.md says: only task_postprocess_end (judged by pexit
+        and outputs) and task_cancel end it; task_error and unknown statuses are running."""
         if self.status == "task_cancel":
             return Outcome.canceled
-        if self.status == "task_error":
-            return Outcome.failed
         if self.status == "task_postprocess_end":
             ok = self.pexit in (None, "", "0") and bool(self.outputs)
             return Outcome.succeeded if ok else Outcome.failed
@@ -345,14 +410,16 @@ class WiroClient:
         return self._first_task(self._retrying("Task/Cancel", {"taskid": taskid}))
 
     def _first_task(self, body: Mapping[str, Any]) -> WiroTask:
-        tasks = body.get("tasklist") or []
-        if not tasks or not isinstance(tasks[0], Mapping):
+        tasks = body.get("tasklist")
+        if isinstance(tasks, Mapping):
+            tasks = [tasks]
+        if not isinstance(tasks, list) or not tasks or not isinstance(tasks[0], Mapping):
             raise WiroRejected("Wiro answered without a task", code=CODE_NOT_FOUND)
         return parse_task(tasks[0])
 
     def _retrying(self, path: str, data: Mapping[str, str]) -> Mapping[str, Any]:
         retrying = Retrying(
-            retry=retry_if_exception_type((WiroRefused, WiroUncertain)),
+            retry=retry_if_exception(_transient),
             stop=stop_after_attempt(self._attempts),
             wait=_wait_honouring_retry_after,
             reraise=True,
@@ -386,26 +453,65 @@ class WiroClient:
             body = response.json()
         except ValueError:
             body = None
+        if status == 200 and isinstance(body, Mapping) and body.get("result") is True:
+            return body
         error = _first_error(body)
         code = error[0] if error else None
         message = error[1] if error else f"HTTP {status} from Wiro"
         kwargs: dict[str, Any] = {"code": code, "http_status": status, "retry_after": retry_after}
+        account = _account_refusal(status, code, message)
+        if account is not None:
+            raise WiroAccountRefused(message, reason=account, **kwargs)
         if status in certain_statuses or code == CODE_CONCURRENCY:
             raise WiroRefused(message, **kwargs)
-        if status >= 500 or (status == 200 and not isinstance(body, Mapping)):
+        # 408 (the server timed out reading or answering) and 5xx: it may have acted.
+        if status >= 500 or status == 408 or (status == 200 and not isinstance(body, Mapping)):
             raise WiroUncertain(message, **kwargs)
-        if status >= 400 or not isinstance(body, Mapping) or body.get("result") is not True:
-            raise WiroRejected(message, **kwargs)
-        return body
+        raise WiroRejected(message, **kwargs)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth another try within seconds: a refusal (not of our account) or an uncertainty."""
+    return isinstance(exc, WiroRefused | WiroUncertain) and not isinstance(exc, WiroAccountRefused)
+
+
+def _account_refusal(status: int, code: int | None, message: str) -> str | None:
+    """``credentials`` or ``balance`` when Wiro refused our account, else None.
+
+    Wiro answers authentication failures with HTTP 401 and code 0 (a signature mismatch
+    may be a 403); its sign-in and bearer-token errors are codes 98 and 99, and 97 is an
+    insufficient balance. Code 0 alone is not enough (it covers validation and server
+    errors too), so at HTTP 200 it counts only with an authentication message.
+    """
+    if code == CODE_BALANCE:
+        return "balance"
+    if status in (401, 403) or code in (CODE_SIGN_IN, CODE_TOKEN):
+        return "credentials"
+    if code == CODE_VALIDATION and any(w in message.lower() for w in _AUTH_WORDS):
+        return "credentials"
+    return None
 
 
 def _first_error(body: Any) -> tuple[int | None, str] | None:
+    """Wiro's first error as (code, message), whatever shape ``errors`` came in.
+
+    The docs show a list of ``{code, message}`` objects; a list of strings, one object, a
+    bare string or a missing field are read too rather than trusted to never happen.
+    """
     if not isinstance(body, Mapping):
         return None
-    errors = body.get("errors") or []
-    if not errors or not isinstance(errors[0], Mapping):
-        return None
-    return _int_or_none(errors[0].get("code")), str(errors[0].get("message") or "")
+    errors = body.get("errors")
+    if isinstance(errors, list | tuple):
+        errors = errors[0] if errors else None
+    if isinstance(errors, Mapping):
+        message = errors.get("message", errors.get("error", ""))
+        return _int_or_none(errors.get("code")), str(message or "")[:2000]
+    if isinstance(errors, str | int | float) and str(errors).strip():
+        return None, str(errors)[:2000]
+    message = body.get("message")
+    if isinstance(message, str) and message.strip() and body.get("result") is not True:
+        return _int_or_none(body.get("code")), message[:2000]
+    return None
 
 
 def _format_scale(scale: float | Decimal) -> str:

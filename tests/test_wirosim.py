@@ -28,7 +28,14 @@ KEY = "test-key"
 SECRET = "test-secret"
 PROMPT = "Replace the suit in the first image with the clothes in the second image."
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
-TERMINAL = {"task_postprocess_end", "task_cancel", "task_error"}
+# Only these end a task (tasks.md); task_error is an interim stderr event.
+TERMINAL = {"task_postprocess_end", "task_cancel"}
+# Wiro's documented order (tasks.md), after task_queue.
+LIFECYCLE = [
+    "task_accept", "task_preprocess_start", "task_preprocess_end", "task_assign", "task_start",
+    "task_output", "task_output_full", "task_end", "task_postprocess_start",
+    "task_postprocess_end",
+]  # fmt: skip
 SEED_TASK_KEYS = {
     "id", "uuid", "name", "socketaccesstoken", "parameters", "debugoutput", "debugerror",
     "starttime", "endtime", "elapsedseconds", "status", "cps", "totalcost", "guestid",
@@ -44,6 +51,7 @@ SEED_OUTPUT_KEYS = {
 KNOWN_STATUSES = {
     "task_queue", "task_accept", "task_assign", "task_preprocess_start", "task_preprocess_end",
     "task_start", "task_output", "task_output_full", "task_end", "task_postprocess_start",
+    "task_error", "task_error_full",
 } | TERMINAL  # fmt: skip
 
 
@@ -287,13 +295,22 @@ def test_signed_run_succeeds_and_is_recorded(sim: Sim) -> None:
     ],
     ids=["bad-sig", "no-sig", "no-nonce", "wrong-secret", "wrong-key", "no-headers"],
 )
-def test_bad_or_missing_credentials_are_401_code_98(sim: Sim, headers: dict[str, str]) -> None:
+def test_bad_or_missing_credentials_are_401_code_0_with_wiros_messages(
+    sim: Sim, headers: dict[str, str]
+) -> None:
     response = run(sim, headers=headers)
     assert response.status_code == 401
-    assert error_of(response)["code"] == 98
+    error = error_of(response)
+    assert error["code"] == 0
+    assert error["message"] in {
+        "Project authorization is not founded.",
+        "Project requires signature authentication. x-signature and x-nonce headers are "
+        "required.",
+        "Project authorization is not valid.",
+    }
     assert sim.stats()["tasks_created"] == 0
     (record,) = sim.client.get("/_sim/runs").json()
-    assert record["taskid"] is None and record["error"]["code"] == 98
+    assert record["taskid"] is None and record["error"]["code"] == 0
     detail_response = sim.client.post("/v1/Task/Detail", headers=headers, data={"taskid": "1"})
     assert detail_response.status_code == 401
 
@@ -422,41 +439,129 @@ def test_json_body_with_url_inputs(sim: Sim, receiver: Receiver) -> None:
 
 
 @pytest.mark.parametrize("path", ["/missing.png", "/text"])
-def test_bad_url_input_ends_in_task_error(sim: Sim, receiver: Receiver, path: str) -> None:
+def test_bad_url_input_ends_as_a_failed_task_with_pexit(
+    sim: Sim, receiver: Receiver, path: str
+) -> None:
     task = wait_for(sim, run_ok(sim, [INPUT_1, f"{receiver.base_url}{path}"]), TERMINAL)
-    assert task["status"] == "task_error" and task["outputs"] == []
+    assert task["status"] == "task_postprocess_end" and task["pexit"] == "1"
+    assert task["outputs"] == [] and task["totalcost"] == "0"
     assert "inputImage[1]" in task["debugerror"]
 
 
-def test_uploaded_non_image_ends_in_task_error(sim: Sim) -> None:
+def test_uploaded_non_image_ends_as_a_failed_task(sim: Sim) -> None:
     task = wait_for(sim, run_ok(sim, [b"this is not an image"]), TERMINAL)
-    assert task["status"] == "task_error" and "not an image" in task["debugerror"]
+    assert task["status"] == "task_postprocess_end" and task["pexit"] == "1"
+    assert "not an image" in task["debugerror"]
 
 
-def test_cancel_while_queued(sim: Sim) -> None:
-    sim.put_config(task_duration_s=10)
+def statuses_seen(sim: Sim, taskid: str, until: set[str], timeout: float = 10) -> list[str]:
+    """Every distinct status Task/Detail showed, in the order first seen."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not seen or seen[-1] not in until:
+        assert time.monotonic() < deadline, f"task {taskid} stuck after {seen}"
+        status = detail(sim, taskid)["status"]
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        time.sleep(0.005)
+    return seen
+
+
+def test_lifecycle_follows_the_order_of_wiros_docs(sim: Sim) -> None:
+    sim.put_config(task_duration_s=2.2)
+    seen = statuses_seen(sim, run_ok(sim), TERMINAL)
+    assert seen[-1] == "task_postprocess_end"
+    order = ["task_queue", *LIFECYCLE]
+    assert [order.index(s) for s in seen] == sorted(order.index(s) for s in seen)
+    assert {"task_preprocess_end", "task_assign", "task_output"} <= set(seen)
+
+
+def test_interim_task_error_is_followed_by_success(sim: Sim) -> None:
+    sim.put_config(task_duration_s=2.5, interim_task_error=True)
     taskid = run_ok(sim)
+    seen = statuses_seen(sim, taskid, TERMINAL)
+    assert "task_error" in seen and seen.index("task_error") < seen.index("task_output_full")
+    task = detail(sim, taskid)
+    assert task["status"] == "task_postprocess_end" and task["pexit"] == "0"
+    assert task["outputs"] and float(task["totalcost"]) > 0
+    assert "UserWarning" in task["debugerror"]  # stderr kept, yet a success
+
+
+def test_a_stalled_task_never_ends_and_holds_its_slot(sim: Sim) -> None:
+    sim.put_config(task_duration_s=0.3, stall_at="task_start", max_concurrency=1)
+    taskid = run_ok(sim)
+    wait_for(sim, taskid, {"task_start"})
+    time.sleep(0.6)
+    assert detail(sim, taskid)["status"] == "task_start"
+    assert error_of(run(sim))["code"] == 96  # the slot stays taken
+
+
+def test_an_unnamed_status_is_walked_through(sim: Sim) -> None:
+    sim.put_config(task_duration_s=2.4, extra_status="task_gpu_wait")
+    seen = statuses_seen(sim, run_ok(sim), TERMINAL)
+    assert "task_gpu_wait" in seen and seen[-1] == "task_postprocess_end"
+    assert seen.index("task_assign") < seen.index("task_gpu_wait") < seen.index("task_start")
+
+
+def test_detail_answers_no_task_yet_for_a_while_after_run(sim: Sim) -> None:
+    sim.put_config(detail_not_found_s=0.5, task_duration_s=0.2)
+    taskid = run_ok(sim)
+    for path in ("/v1/Task/Detail", "/v1/Task/Cancel", "/v1/Task/Kill"):
+        assert error_of(post(sim, path, taskid=taskid)) == {
+            "code": 1,
+            "message": "There is no task yet.",
+        }
+    time.sleep(0.6)
+    assert detail(sim, taskid)["id"] == taskid
+
+
+def test_cancel_works_only_while_queued(sim: Sim) -> None:
+    sim.put_config(task_duration_s=10, queue_hold_s=5)
+    taskid = run_ok(sim)
+    refused_kill = error_of(post(sim, "/v1/Task/Kill", taskid=taskid))
+    assert refused_kill["code"] == 1 and "could not be killed" in refused_kill["message"]
     response = post(sim, "/v1/Task/Cancel", taskid=taskid).json()
     assert response["result"] is True and response["errors"] == []
     assert response["tasklist"][0]["status"] == "task_cancel"
     task = detail(sim, taskid)
     assert task["status"] == "task_cancel" and int(task["canceltime"]) > 0
-    assert error_of(post(sim, "/v1/Task/Cancel", taskid=taskid))["code"] == 0
+    assert error_of(post(sim, "/v1/Task/Cancel", taskid=taskid)) == {
+        "code": 1,
+        "message": "Task is not in a cancellable state.",
+    }
     killed = error_of(post(sim, "/v1/Task/Kill", taskid=taskid))
-    assert killed["code"] == 0 and "already finished" in killed["message"]
+    assert killed["code"] == 1 and "already finished" in killed["message"]
 
 
-def test_kill_while_running_and_cancel_refused(sim: Sim) -> None:
+def test_between_accept_and_assign_both_cancel_and_kill_are_refused(sim: Sim) -> None:
+    sim.put_config(task_duration_s=1.0, stall_at="task_preprocess_end")
+    taskid = run_ok(sim)
+    wait_for(sim, taskid, {"task_preprocess_end"})
+    assert error_of(post(sim, "/v1/Task/Cancel", taskid=taskid))["code"] == 1
+    assert error_of(post(sim, "/v1/Task/Kill", taskid=taskid))["code"] == 1
+    assert detail(sim, taskid)["status"] == "task_preprocess_end"
+
+
+def test_kill_after_assign_and_cancel_refused(sim: Sim) -> None:
     sim.put_config(task_duration_s=1.0)
     body = run(sim).json()
-    wait_for(sim, body["taskid"], KNOWN_STATUSES - {"task_queue"} - TERMINAL)
+    wait_for(sim, body["taskid"], {"task_start", "task_output"})
     refused = error_of(post(sim, "/v1/Task/Cancel", taskid=body["taskid"]))
-    assert refused["code"] == 0 and "not in queue" in refused["message"]
+    assert refused == {"code": 1, "message": "Task is not in a cancellable state."}
     killed = post(sim, "/v1/Task/Kill", socketaccesstoken=body["socketaccesstoken"]).json()
     assert killed["result"] is True and killed["tasklist"][0]["status"] == "task_cancel"
     time.sleep(1.1)
     task = detail(sim, body["taskid"])
     assert task["status"] == "task_cancel" and task["outputs"] == []
+
+
+def test_a_delayed_kill_is_accepted_before_the_task_reaches_cancel(sim: Sim) -> None:
+    sim.put_config(task_duration_s=10, stall_at="task_start", kill_delay_s=0.5)
+    taskid = run_ok(sim)
+    wait_for(sim, taskid, {"task_start"})
+    killed = post(sim, "/v1/Task/Kill", taskid=taskid).json()
+    assert killed["result"] is True and killed["tasklist"][0]["status"] == "task_start"
+    assert wait_for(sim, taskid, TERMINAL)["status"] == "task_cancel"
 
 
 # ---------------------------------------------------------------- callbacks
@@ -492,7 +597,7 @@ def test_repeated_lying_callbacks_and_callback_on_cancel(sim: Sim, receiver: Rec
     assert detail(sim, taskid)["outputs"] == []  # the truth
     sim.put_config(repeat_callbacks=0, callback_body="task", task_duration_s=10)
     killed = run_ok(sim, callbackUrl=f"{receiver.base_url}/cb/kill")
-    post(sim, "/v1/Task/Kill", taskid=killed)
+    post(sim, "/v1/Task/Cancel", taskid=killed)  # still queued: Cancel, not Kill
     last = receiver.wait_posts(4)[-1]
     assert last["path"] == "/cb/kill" and json.loads(last["body"])["status"] == "task_cancel"
 
@@ -508,11 +613,12 @@ def test_fail_mode_pexit(sim: Sim) -> None:
     assert task["outputs"] == [] and task["totalcost"] == "0"
 
 
-def test_fail_mode_task_error(sim: Sim) -> None:
-    sim.put_config(fail_mode="task_error")
+def test_interim_task_error_then_pexit_failure(sim: Sim) -> None:
+    sim.put_config(fail_mode="pexit", interim_task_error=True, task_duration_s=0.6)
     task = wait_for(sim, run_ok(sim), TERMINAL)
-    assert task["status"] == "task_error" and task["pexit"] == ""
-    assert task["debugerror"] and task["outputs"] == [] and task["totalcost"] == "0"
+    assert task["status"] == "task_postprocess_end" and task["pexit"] == "1"
+    assert "UserWarning" in task["debugerror"] and "CUDA out of memory" in task["debugerror"]
+    assert task["outputs"] == [] and task["totalcost"] == "0"
 
 
 def test_run_errors_queue(sim: Sim, receiver: Receiver) -> None:
@@ -558,15 +664,15 @@ def test_detail_errors(sim: Sim) -> None:
 
 
 def test_max_concurrency(sim: Sim) -> None:
-    sim.put_config(max_concurrency=2, task_duration_s=1.0)
+    sim.put_config(max_concurrency=2, task_duration_s=1.0, queue_hold_s=5)
     first, second = run_ok(sim), run_ok(sim)
     refused = run(sim)
     assert refused.status_code == 200
     error = error_of(refused)
-    assert error["code"] == 96 and "concurrency limit" in error["message"]
+    assert error["code"] == 96 and "concurrent task limit" in error["message"]
     assert sim.stats()["peak_concurrency"] == 2 and sim.stats()["tasks_created"] == 2
-    post(sim, "/v1/Task/Kill", taskid=first)
-    post(sim, "/v1/Task/Kill", taskid=second)
+    post(sim, "/v1/Task/Cancel", taskid=first)  # both still queued
+    post(sim, "/v1/Task/Cancel", taskid=second)
     run_ok(sim)
     assert sim.stats()["peak_concurrency"] == 2
 
@@ -605,6 +711,7 @@ def test_output_modes(sim: Sim) -> None:
 def test_config_knobs_validate_and_reset(sim: Sim) -> None:
     assert sim.client.put("/_sim/config", json={"no_such_knob": 1}).status_code == 422
     assert sim.client.put("/_sim/config", json={"fail_mode": "explode"}).status_code == 422
+    assert sim.client.put("/_sim/config", json={"fail_mode": "task_error"}).status_code == 422
     assert sim.client.put("/_sim/config", json={"drop_callbacks": 2}).status_code == 422
     assert sim.put_config(task_duration_s=0)["task_duration_s"] == 0
     run_ok(sim)

@@ -23,7 +23,7 @@ from wirosim.forms import (
     safe_filename,
     signature_ok,
 )
-from wirosim.tasks import InputRef, SimState, Task
+from wirosim.tasks import CANCELABLE, NOT_YET_KILLABLE, InputRef, SimState, Task
 
 MAX_STEPS = 500
 
@@ -72,19 +72,38 @@ class TruncatedResponse(Response):
         await send({"type": "http.response.body", "body": half, "more_body": True})
 
 
+# Messages of Wiro's error-reference.md, verbatim.
+NO_TASK_YET = "There is no task yet."
+NOT_CANCELLABLE = "Task is not in a cancellable state."
+KEY_NOT_FOUND = "Project authorization is not founded."
+SIGNATURE_REQUIRED = (
+    "Project requires signature authentication. x-signature and x-nonce headers are required."
+)
+SIGNATURE_INVALID = "Project authorization is not valid."
+CONCURRENCY_LIMIT = (
+    "You have reached your concurrent task limit. With your current balance of $50.00, you "
+    "can run up to 5 tasks at the same time. Add funds to increase your limit."
+)
+
+
 def fault_error(fault: Fault) -> WiroError:
     """The WiroError a queued fault answers with."""
     message = {
-        96: "You have reached your concurrency limit",
+        96: CONCURRENCY_LIMIT,
         97: "Insufficient balance",
-        98: "Sign in required",
-        99: "Bearer token is invalid",
+        98: "sign in to run this model",
+        99: "Authorization bearer token is invalid.",
     }.get(fault.code or -1, f"Simulated HTTP {fault.http_status}")
+    if fault.http_status == 401 and not fault.code:
+        message = KEY_NOT_FOUND
     return WiroError(fault.code, message, fault.http_status, fault.retry_after)
 
 
 def check_auth(request: Request, cfg: SimConfig) -> tuple[WiroError | None, bool | None]:
-    """Validate x-api-key (and the signature when a secret is set): (error, signature_valid)."""
+    """Validate x-api-key (and the signature when a secret is set): (error, signature_valid).
+
+    Wiro answers every authentication failure with HTTP 401 and code 0 (error-reference.md).
+    """
     headers = request.headers
     sig_valid: bool | None = None
     if cfg.api_secret:
@@ -93,9 +112,11 @@ def check_auth(request: Request, cfg: SimConfig) -> tuple[WiroError | None, bool
         )
     key = headers.get("x-api-key", "")
     if not hmac.compare_digest(key.encode(), cfg.api_key.encode()):
-        return WiroError(98, "Sign in required: invalid or missing x-api-key", 401), sig_valid
+        return WiroError(0, KEY_NOT_FOUND, 401), sig_valid
     if sig_valid is False:
-        return WiroError(98, "Sign in required: invalid or missing x-signature", 401), sig_valid
+        if not headers.get("x-nonce") or not headers.get("x-signature"):
+            return WiroError(0, SIGNATURE_REQUIRED, 401), sig_valid
+        return WiroError(0, SIGNATURE_INVALID, 401), sig_valid
     return None, sig_valid
 
 
@@ -201,7 +222,7 @@ def add_wiro_routes(app: FastAPI, state: SimState) -> None:
             raise fault_error(Fault(http_status=cfg.run_fail_status))
         limit = state.config.max_concurrency
         if limit is not None and state.active_count() >= limit:
-            raise WiroError(96, "You have reached your concurrency limit")
+            raise WiroError(96, CONCURRENCY_LIMIT)
         return create(args)
 
     @app.post("/v1/Run/{owner}/{model}")
@@ -249,10 +270,10 @@ def add_wiro_routes(app: FastAPI, state: SimState) -> None:
         taskid = first_value(fields, "taskid")
         token = first_value(fields, *token_names)
         if not (taskid or "").strip() and not (token or "").strip():
-            raise WiroError(0, "Request parameter [taskid] is required")
+            raise WiroError(0, "taskid or socketaccesstoken is required")
         task = state.find(taskid=taskid, token=token)
-        if task is None:
-            raise WiroError(1, "Task not found")
+        if task is None or not state.visible(task):
+            raise WiroError(1, NO_TASK_YET)
         return task
 
     @app.post("/v1/Task/Detail")
@@ -275,27 +296,29 @@ def add_wiro_routes(app: FastAPI, state: SimState) -> None:
 
     @app.post("/v1/Task/Kill")
     async def task_kill(request: Request) -> Response:
-        """Kill a queued or running task."""
+        """Kill a task Wiro has assigned to a GPU ("any status after assign")."""
+        state.kill_calls += 1
         try:
             task = lookup(await authed_fields(request), ("socketaccesstoken", "tasktoken"))
             if task.terminal:
-                raise WiroError(0, f"Task is already finished ({task.status})")
+                raise WiroError(1, "Task could not be killed: the task has already finished")
+            if task.status in NOT_YET_KILLABLE:
+                raise WiroError(1, "Task could not be killed: it is not assigned to a worker yet")
         except WiroError as exc:
             return exc.response()
-        state.kill_calls += 1
-        state.finish(task, "task_cancel")
+        state.kill(task)
         return JSONResponse(task_list_body(task, with_total=False))
 
     @app.post("/v1/Task/Cancel")
     async def task_cancel(request: Request) -> Response:
-        """Cancel a task that is still queued."""
+        """Cancel a task that is still in the queue stage."""
+        state.cancel_calls += 1
         try:
             task = lookup(await authed_fields(request), ("socketaccesstoken", "tasktoken"))
-            if task.status != "task_queue":
-                raise WiroError(0, f"Task is not in queue ({task.status}); use Task/Kill")
+            if task.status not in CANCELABLE:
+                raise WiroError(1, NOT_CANCELLABLE)
         except WiroError as exc:
             return exc.response()
-        state.cancel_calls += 1
         state.finish(task, "task_cancel")
         return JSONResponse(task_list_body(task, with_total=False))
 

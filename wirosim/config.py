@@ -9,7 +9,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FailMode = Literal["none", "pexit", "task_error"]
+# How a task fails, as Wiro's docs describe failures: task_postprocess_end with a non-zero
+# pexit, no outputs and the message in debugerror. (task_error is never a failure: it is
+# the interim stderr event, see ``interim_task_error``.)
+FailMode = Literal["none", "pexit"]
 CallbackBody = Literal["task", "empty", "lying"]
 OutputMode = Literal["ok", "404", "stall", "truncate"]
 
@@ -40,6 +43,19 @@ class SimConfig(BaseModel):
     task_duration_s: float = Field(default=2.0, ge=0)
     queue_hold_s: float = Field(default=0.0, ge=0)  # extra time in task_queue before the walk
     fail_mode: FailMode = "none"
+    # The model writes to stderr mid-run: Task/Detail shows status task_error for a while
+    # (debugerror holding the warning), then the task goes on (WIRO.md: interim event).
+    interim_task_error: bool = False
+    # The task walks up to this status and stays there for ever (a task that never ends).
+    stall_at: str | None = None
+    # A status no list of Wiro's names, walked through after task_assign.
+    extra_status: str | None = None
+    # For this long after Run, Task/Detail, Cancel and Kill answer "There is no task yet."
+    # (code 1) although the task exists and runs.
+    detail_not_found_s: float = Field(default=0.0, ge=0)
+    # Kill is accepted at once but the task reaches task_cancel only this much later; its
+    # answer shows the status at the time of the call.
+    kill_delay_s: float = Field(default=0.0, ge=0)
     drop_callbacks: float = Field(default=0.0, ge=0, le=1)
     repeat_callbacks: int = Field(default=0, ge=0)
     repeat_callback_rate: float = Field(default=0.0, ge=0, le=1)  # chance of one extra copy
@@ -73,7 +89,10 @@ class SimConfig(BaseModel):
                 continue
             if name in ("run_errors", "detail_errors"):
                 raw[name] = json.loads(value) if value.strip() else []
-            elif name in ("max_concurrency", "output_size_bytes") and not value.strip():
+            elif (
+                name in ("max_concurrency", "output_size_bytes", "stall_at", "extra_status")
+                and not value.strip()
+            ):
                 raw[name] = None
             else:
                 raw[name] = value

@@ -24,20 +24,35 @@ from wirosim.images import decode_image, pad_png, render_output
 
 logger = logging.getLogger("wirosim")
 
+# The lifecycle in the order of Wiro's docs (tasks.md), up to the last running status.
 RUNNING_STATUSES: tuple[str, ...] = (
     "task_queue",
     "task_accept",
-    "task_assign",
     "task_preprocess_start",
     "task_preprocess_end",
+    "task_assign",
     "task_start",
     "task_output",
     "task_output_full",
     "task_end",
     "task_postprocess_start",
 )
+# Interim stderr events (tasks.md: "not a final failure").
+INTERIM_STATUSES: tuple[str, ...] = ("task_error", "task_error_full")
 SUCCESS_STATUS = "task_postprocess_end"
-TERMINAL_STATUSES = frozenset({SUCCESS_STATUS, "task_cancel", "task_error"})
+# Both successful and failed tasks end in task_postprocess_end (judged by pexit); a
+# cancelled or killed one in task_cancel. Nothing else ends a task.
+TERMINAL_STATUSES = frozenset({SUCCESS_STATUS, "task_cancel"})
+# Cancel works only while queued; Kill "any status after assign" (tasks.md).
+CANCELABLE = frozenset({"task_queue"})
+NOT_YET_KILLABLE = frozenset(
+    {"task_queue", "task_accept", "task_preprocess_start", "task_preprocess_end"}
+)
+STDERR_WARNING = (
+    "/opt/conda/lib/python3.10/site-packages/torch/nn/modules/conv.py:456: UserWarning: "
+    "Plan failed with a cudnnException (Triggered internally at ../aten/src/ATen/native/"
+    "cudnn/Conv_v8.cpp:919.)\n"
+)
 TIME_FIELDS: dict[str, str] = {
     "task_queue": "createtime",
     "task_accept": "accepttime",
@@ -101,6 +116,11 @@ class Task:
     duration_s: float
     output_size_bytes: int | None
     queue_hold_s: float = 0.0
+    interim_task_error: bool = False
+    stall_at: str | None = None
+    extra_status: str | None = None
+    created: float = field(default_factory=time.time)
+    killing: bool = False
     uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     status: str = "task_queue"
     times: dict[str, float] = field(default_factory=dict)
@@ -198,8 +218,8 @@ def output_entry(base_url: str, task_uuid: str, size: int) -> dict[str, Any]:
     }
 
 
-class TaskError(Exception):
-    """Raised inside the lifecycle to end a task with status task_error."""
+class TaskFailed(Exception):
+    """Raised inside the lifecycle to end a task as Wiro ends failed ones: pexit "1"."""
 
 
 class SimState:
@@ -313,6 +333,9 @@ class SimState:
             duration_s=cfg.task_duration_s,
             output_size_bytes=cfg.output_size_bytes,
             queue_hold_s=cfg.queue_hold_s,
+            interim_task_error=cfg.interim_task_error,
+            stall_at=cfg.stall_at,
+            extra_status=cfg.extra_status,
         )
         task.set_status("task_queue")
         self.tasks[task.id] = task
@@ -334,7 +357,8 @@ class SimState:
             task.times.setdefault("endtime", now)
             task.set_status(status)
         task.pexit = pexit
-        task.debugerror = error
+        if error:
+            task.debugerror += error
         if status != SUCCESS_STATUS or pexit != "0":
             task.outputs = []
             task.totalcost = "0"
@@ -345,26 +369,43 @@ class SimState:
         if task.callbackurl:
             self._spawn(self._deliver_callbacks(task, task.to_dict()))
 
+    @staticmethod
+    def walk(task: Task) -> list[str]:
+        """The statuses a task goes through after task_queue, in Wiro's documented order."""
+        walk: list[str] = []
+        for status in RUNNING_STATUSES[1:]:
+            walk.append(status)
+            if status == "task_assign" and task.extra_status:
+                walk.append(task.extra_status)
+            if status == "task_output" and task.interim_task_error:
+                walk += ["task_error", "task_output"]
+            if status == "task_output_full" and task.interim_task_error:
+                walk.append("task_error_full")
+        return walk
+
     async def _lifecycle(self, task: Task) -> None:
         """Walk the task through Wiro's statuses, spread over its duration."""
-        step = task.duration_s / len(RUNNING_STATUSES)
+        walk = self.walk(task)
+        step = task.duration_s / (len(walk) + 1)
         images: list[Image.Image] = []
         png = b""
         try:
             await asyncio.sleep(task.queue_hold_s)
-            for status in RUNNING_STATUSES[1:]:
+            for status in walk:
                 await asyncio.sleep(step)
-                if status == "task_preprocess_end":
+                task.set_status(status)
+                if status == task.stall_at:
+                    await asyncio.Event().wait()  # never set: the task never ends
+                if status == "task_preprocess_start":
                     images = await self._load_inputs(task)
-                    if task.fail_mode == "task_error":
-                        raise TaskError("Simulated failure: worker lost during preprocessing")
-                elif status == "task_output" and task.fail_mode == "none":
+                elif status == "task_error":
+                    task.debugerror += STDERR_WARNING
+                elif status == "task_output" and task.fail_mode == "none" and not png:
                     png = await asyncio.to_thread(render_output, images, task.prompt)
                     png = await asyncio.to_thread(pad_png, png, task.output_size_bytes)
-                task.set_status(status)
             await asyncio.sleep(step)
-        except TaskError as exc:
-            self.finish(task, "task_error", error=str(exc))
+        except TaskFailed as exc:
+            self.finish(task, SUCCESS_STATUS, pexit="1", error=str(exc))
             return
         if task.fail_mode == "pexit":
             self.finish(task, SUCCESS_STATUS, pexit="1", error="CUDA out of memory")
@@ -374,8 +415,26 @@ class SimState:
         task.totalcost = SUCCESS_COST
         self.finish(task, SUCCESS_STATUS, pexit="0")
 
+    def visible(self, task: Task) -> bool:
+        """False while Wiro would still answer "There is no task yet." about the task."""
+        return time.time() - task.created >= self.config.detail_not_found_s
+
+    def kill(self, task: Task) -> None:
+        """Stop a running task: at once, or after ``kill_delay_s`` (the answer comes first)."""
+        delay = self.config.kill_delay_s
+        if delay <= 0:
+            self.finish(task, "task_cancel")
+            return
+        task.killing = True
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            self.finish(task, "task_cancel")
+
+        self._spawn(later())
+
     async def _load_inputs(self, task: Task) -> list[Image.Image]:
-        """Fetch URL inputs and decode every input; raise TaskError on any failure."""
+        """Fetch URL inputs and decode every input; raise TaskFailed on any failure."""
         images: list[Image.Image] = []
         async with httpx.AsyncClient(
             timeout=FETCH_TIMEOUT_S, follow_redirects=True, verify=self._tls
@@ -386,12 +445,12 @@ class SimState:
                     try:
                         response = await client.get(ref.url)
                     except (httpx.HTTPError, httpx.InvalidURL) as exc:
-                        raise TaskError(
+                        raise TaskFailed(
                             f"inputImage[{index}] could not be fetched from {ref.url}: "
                             f"{type(exc).__name__}"
                         ) from exc
                     if response.status_code != 200:
-                        raise TaskError(
+                        raise TaskFailed(
                             f"inputImage[{index}] could not be fetched from {ref.url}: "
                             f"HTTP {response.status_code}"
                         )
@@ -399,7 +458,7 @@ class SimState:
                 try:
                     images.append(await asyncio.to_thread(decode_image, data))
                 except ValueError as exc:
-                    raise TaskError(f"inputImage[{index}] is not an image: {exc}") from exc
+                    raise TaskFailed(f"inputImage[{index}] is not an image: {exc}") from exc
         return images
 
     def _callback_body(self, snapshot: dict[str, Any]) -> bytes:

@@ -45,8 +45,8 @@ def finalize(job_id: str, attempt: int = 0) -> None:
 
 @app.task(name=CANCEL, ignore_result=True)
 def cancel(job_id: str) -> None:
-    """Cancel or kill the job's task at Wiro."""
-    pipeline.cancel_at_wiro(services(), uuid.UUID(job_id))
+    """Stop the job's task at Wiro (Cancel or Kill), or schedule another try."""
+    pipeline.stop_at_wiro(services(), uuid.UUID(job_id))
 
 
 @app.task(name=WEBHOOK_DISPATCH, ignore_result=True)

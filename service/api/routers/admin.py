@@ -113,6 +113,16 @@ class FailingWebhook(BaseModel):
     last_status_code: int | None
 
 
+class AccountRefused(BaseModel):
+    """Wiro refuses our account: admission is paused, one probe Run at a time."""
+
+    since: datetime
+    reason: str | None = Field(description="credentials or balance.")
+    message: str | None = Field(description="Wiro's last error message.")
+    refusals: int = Field(description="Runs refused since then (the probes).")
+    next_probe_at: datetime | None
+
+
 class AdmissionState(BaseModel):
     """Admission to Wiro now (README, "Admission to Wiro")."""
 
@@ -121,6 +131,18 @@ class AdmissionState(BaseModel):
     ceiling: int | None = Field(description="The level Wiro last refused at, if any.")
     in_flight: int = Field(description="Jobs in submitting or running.")
     queued: int
+    account_refused: AccountRefused | None = Field(
+        None, description="Set while Wiro refuses our credentials or balance."
+    )
+
+
+class UnknownStatus(BaseModel):
+    """A task status Wiro reported that none of its documented lists names."""
+
+    status: str
+    first_seen: datetime
+    last_seen: datetime
+    count: int
 
 
 class Stats(BaseModel):
@@ -140,6 +162,9 @@ class Stats(BaseModel):
     recent_failures: list[JobBrief]
     failing_webhooks: list[FailingWebhook]
     admission: AdmissionState
+    wiro_unknown_statuses: list[UnknownStatus] = Field(
+        default_factory=list, description="Treated as running; logged and counted."
+    )
 
 
 class AdminJob(JobBrief):

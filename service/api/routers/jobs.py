@@ -223,7 +223,8 @@ async def _within_rate(svc: Services, who: Principal) -> None:
         "`image_urls`; also `application/json` with `image_urls`) with a prompt. The first "
         "image is the one edited; the others are references. Answers 202 with the job and "
         "its `Location`. With `Prefer: wait=N` the answer waits up to N seconds for the job "
-        "to finish. A key with a submit rate gets 429 with `Retry-After` past it."
+        "to finish; with `Cancel-After` it is canceled once that long has passed. A key "
+        "with a submit rate gets 429 with `Retry-After` past it."
     ),
     responses={
         202: {"description": "Accepted", "headers": PREFERENCE_APPLIED},
@@ -253,9 +254,25 @@ async def create_job(
         ),
     ] = None,
     prefer: Annotated[str | None, PREFER_HEADER] = None,
+    cancel_after: Annotated[
+        str | None,
+        Header(
+            max_length=32,
+            description=(
+                "Replicate's header: a duration (`30s`, `5m`, `1h30m`, or plain seconds; at "
+                "most 24 h). Once it passes, the job is canceled wherever it is (at Wiro by "
+                "Cancel or Kill) and ends `canceled` with `error.code` `deadline_exceeded`."
+            ),
+            examples=["5m"],
+        ),
+    ] = None,
 ) -> Any:
     if who.submit_rate_limit:
         await _within_rate(svc, who)
+    try:
+        deadline = intake.parse_cancel_after(cancel_after) if cancel_after is not None else None
+    except intake.InputError as exc:
+        raise ProblemError(422, exc.code, exc.message) from exc
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         sub = await _parse_multipart(request, svc)
@@ -273,6 +290,7 @@ async def create_job(
         raise ProblemError(
             415, "unsupported_media_type", "send multipart/form-data or application/json"
         )
+    sub.cancel_after = deadline
     if not sub.images:
         raise ProblemError(422, "no_images", "give at least one image (images or image_urls)")
     if len(sub.images) > svc.settings.max_images:

@@ -11,7 +11,7 @@ import redis
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service import jobs, metrics
+from service import jobs, metrics, ops
 from service.api.deps import ServicesDep
 from service.container import Services
 from service.db import transaction
@@ -33,7 +33,11 @@ def _render(svc: Services) -> tuple[bytes, str]:
         finally:
             client.close()
 
-    return metrics.render(metrics.StateCollector(counts, depth))
+    def account_refused_since() -> float | None:
+        with transaction(svc.sessions) as s:
+            return ops.account_refused_since(s)
+
+    return metrics.render(metrics.StateCollector(counts, depth, account_refused_since))
 
 
 @router.get(
