@@ -53,6 +53,9 @@ TEST_SETTINGS = {
     "WIRO_MAX_IN_FLIGHT": "3",
     # Revocation tests revoke in the database and expect the next request refused.
     "AUTH_CACHE_TTL_S": "0",
+    # Stopping a task at Wiro and probing a refused account retry within seconds.
+    "WIRO_STOP_BACKOFF_CAP_S": "2",
+    "WIRO_ACCOUNT_PROBE_MAX_S": "2",
 }
 
 

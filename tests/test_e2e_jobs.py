@@ -182,13 +182,18 @@ def test_callback_with_the_right_token_but_a_lying_body_changes_nothing(
 
 
 @pytest.mark.parametrize(
-    ("fail_mode", "message"),
-    [("pexit", "CUDA out of memory"), ("task_error", "worker lost during preprocessing")],
+    ("knobs", "message"),
+    [
+        ({"fail_mode": "pexit"}, "CUDA out of memory"),
+        # stderr warnings on the way (interim task_error events), then a real failure
+        ({"fail_mode": "pexit", "interim_task_error": True}, "CUDA out of memory"),
+    ],
+    ids=["pexit", "interim task_error then pexit"],
 )
 def test_failed_wiro_task_fails_the_job_with_wiros_message(
-    api: httpx.Client, sim: httpx.Client, fail_mode: str, message: str
+    api: httpx.Client, sim: httpx.Client, knobs: dict[str, Any], message: str
 ) -> None:
-    sim.put("/_sim/config", json={"fail_mode": fail_mode}).raise_for_status()
+    sim.put("/_sim/config", json=knobs).raise_for_status()
     job = submit_samples(api)
 
     done = wait_status(api, job["id"])
@@ -235,12 +240,14 @@ def test_cancel_while_queued_at_wiro_uses_task_cancel(api: httpx.Client, sim: ht
 
 
 def test_cancel_while_running_at_wiro_uses_task_kill(api: httpx.Client, sim: httpx.Client) -> None:
-    sim.put("/_sim/config", json={"task_duration_s": 30}).raise_for_status()
+    sim.put(
+        "/_sim/config", json={"task_duration_s": 30, "stall_at": "task_start"}
+    ).raise_for_status()
     job = submit_samples(api)
     wait_status(api, job["id"], {"running"})
     wait_for(
-        lambda: sim.get("/_sim/tasks").json()[0]["status"] != "task_queue",
-        what="the task to leave Wiro's queue",
+        lambda: sim.get("/_sim/tasks").json()[0]["status"] == "task_start",
+        what="the task to be assigned and started at Wiro",
     )
     # Let the gateway learn Wiro's status, as it would from a poll.
     job_now = api.get(f"/v1/jobs/{job['id']}").json()
@@ -252,7 +259,9 @@ def test_cancel_while_running_at_wiro_uses_task_kill(api: httpx.Client, sim: htt
 
     assert done["status"] == "canceled"
     assert sim_stats(sim)["kill_calls"] == 1
+    assert sim_stats(sim)["cancel_calls"] == 0
     assert transitions(done) == ["queued", "submitting", "running", "canceled"]
+    assert done["cancel_outcome"] == "canceled" and done["wiro"]["stopping"] is False
 
 
 def test_finished_job_cannot_be_canceled(api: httpx.Client) -> None:

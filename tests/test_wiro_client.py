@@ -16,12 +16,14 @@ from service.embedded import ManagedProcess, free_port
 from service.wiro import (
     Outcome,
     RunInput,
+    WiroAccountRefused,
     WiroClient,
     WiroRefused,
     WiroRejected,
     WiroUncertain,
     parse_task,
     sign,
+    stop_calls,
 )
 from tests.conftest import sample
 
@@ -56,15 +58,46 @@ def test_signature_is_hmac_sha256_keyed_with_the_api_key_over_secret_plus_nonce(
         ({"pexit": None}, Outcome.succeeded),
         ({"pexit": "1", "outputs": []}, Outcome.failed),
         ({"outputs": []}, Outcome.failed),
-        ({"status": "task_error", "pexit": "", "debugerror": "boom"}, Outcome.failed),
+        # task_error is Wiro's interim stderr event: "always wait for task_postprocess_end".
+        ({"status": "task_error", "pexit": "", "debugerror": "boom"}, Outcome.running),
+        ({"status": "task_error_full", "debugerror": "warnings"}, Outcome.running),
         ({"status": "task_cancel"}, Outcome.canceled),
         ({"status": "task_start"}, Outcome.running),
         ({"status": "task_queue"}, Outcome.running),
+        ({"status": "task_end"}, Outcome.running),  # before post-processing: not an outcome
+        ({"status": "task_gpu_wait"}, Outcome.running),  # a status no list names
+        ({"status": ""}, Outcome.running),
+        ({"pexit": "0", "debugerror": "UserWarning: ..."}, Outcome.succeeded),
     ],
 )
 def test_task_outcome_follows_wiros_rules(fields: dict[str, object], outcome: Outcome) -> None:
     task = parse_task({**SEED_TASK, **fields})
     assert task.outcome is outcome
+
+
+def test_only_statuses_no_list_names_are_unknown() -> None:
+    assert not parse_task({**SEED_TASK, "status": "task_gpu_wait"}).known
+    for status in ("task_queue", "task_error", "task_error_full", "task_postprocess_end"):
+        assert parse_task({**SEED_TASK, "status": status}).known
+
+
+@pytest.mark.parametrize(
+    ("status", "calls"),
+    [
+        ("task_queue", ("cancel", "kill")),
+        ("task_accept", ("cancel", "kill")),
+        ("task_preprocess_end", ("cancel", "kill")),
+        (None, ("cancel", "kill")),  # Task/Detail: "There is no task yet."
+        ("task_assign", ("kill", "cancel")),
+        ("task_output", ("kill", "cancel")),
+        ("task_error", ("kill", "cancel")),
+        ("task_gpu_wait", ("kill", "cancel")),
+    ],
+)
+def test_stop_calls_follow_cancel_while_queued_and_kill_after_assign(
+    status: str | None, calls: tuple[str, ...]
+) -> None:
+    assert stop_calls(status) == calls
 
 
 def test_seed_task_is_parsed_with_its_output_and_cost() -> None:
@@ -128,9 +161,21 @@ def _run(client: WiroClient) -> None:
             {},
             WiroRejected,
         ),
-        (200, {"result": False, "errors": [{"code": 97, "message": "balance"}]}, {}, WiroRejected),
-        (401, {"result": False, "errors": [{"code": 98, "message": "sign in"}]}, {}, WiroRejected),
+        (
+            200,
+            {"result": False, "errors": [{"code": 1, "message": "slug-owner-project-not-exist"}]},
+            {},
+            WiroRejected,
+        ),
+        (408, None, {}, WiroUncertain),  # the server gave up mid-request: a task may exist
         (200, {"result": True, "errors": []}, {}, WiroUncertain),  # no taskid
+        # Shapes the docs never show must not crash the client.
+        (200, {"result": False, "errors": {"code": 0, "message": "bad"}}, {}, WiroRejected),
+        (200, {"result": False, "errors": "Request parameters are invalid."}, {}, WiroRejected),
+        (200, {"result": False, "errors": ["Request parameters are invalid."]}, {}, WiroRejected),
+        (200, {"result": False}, {}, WiroRejected),
+        (200, {"result": False, "errors": [None, 3]}, {}, WiroRejected),
+        (200, [], {}, WiroUncertain),
     ],
 )
 def test_run_failures_are_classified_by_whether_wiro_may_have_accepted(
@@ -149,6 +194,53 @@ def test_run_failures_are_classified_by_whether_wiro_may_have_accepted(
     assert len(calls) == 1  # Run is never retried by the client
     if "retry-after" in headers:
         assert info.value.retry_after == 7.0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "reason"),
+    [
+        (401, {"code": 0, "message": "Project authorization is not founded."}, "credentials"),
+        (401, {"code": 0, "message": "Project authorization is not valid."}, "credentials"),
+        (
+            401,
+            {
+                "code": 0,
+                "message": "Project requires signature authentication. x-signature and x-nonce "
+                "headers are required.",
+            },
+            "credentials",
+        ),
+        (403, {"code": 0, "message": "forbidden"}, "credentials"),
+        (200, {"code": 0, "message": "Requested ip 10.0.0.1 is not allowed."}, "credentials"),
+        (200, {"code": 98, "message": "sign in to run this model"}, "credentials"),
+        (401, {"code": 99, "message": "Authorization bearer token expired."}, "credentials"),
+        (200, {"code": 97, "message": "Insufficient balance"}, "balance"),
+    ],
+)
+def test_run_refused_for_our_account_is_a_refusal_not_a_rejection(
+    status: int, error: dict[str, object], reason: str
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json={"result": False, "errors": [error]})
+
+    with pytest.raises(WiroAccountRefused) as info:
+        _run(_client(handler))
+    assert isinstance(info.value, WiroRefused)  # no task was made: safe to send again
+    assert info.value.reason == reason
+
+
+def test_detail_is_not_retried_when_our_account_is_refused() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(
+            401, json={"result": False, "errors": [{"code": 0, "message": "not founded"}]}
+        )
+
+    with pytest.raises(WiroAccountRefused):
+        _client(handler).task_detail(taskid="1")
+    assert len(calls) == 1
 
 
 def test_run_that_cannot_connect_is_refused_not_uncertain() -> None:
@@ -231,7 +323,7 @@ def test_client_in_api_key_only_mode_sends_no_signature_headers(key_only_sim: st
     assert task.id == accepted.taskid
 
 
-def test_client_with_a_secret_signs_and_a_wrong_secret_is_rejected(
+def test_client_with_a_secret_signs_and_a_wrong_secret_is_refused_for_credentials(
     stack: object, sim: httpx.Client
 ) -> None:
     from service.stack import SIM_KEY
@@ -242,6 +334,7 @@ def test_client_with_a_secret_signs_and_a_wrong_secret_is_rejected(
         api_secret="wrong",
         model="xiabs/dreamomni2",
     )
-    with pytest.raises(WiroRejected) as info:
+    with pytest.raises(WiroAccountRefused) as info:
         bad.task_detail(taskid="1")
-    assert info.value.http_status == 401
+    assert info.value.http_status == 401 and info.value.code == 0
+    assert info.value.reason == "credentials"

@@ -304,8 +304,7 @@ def test_bad_or_missing_credentials_are_401_code_0_with_wiros_messages(
     assert error["code"] == 0
     assert error["message"] in {
         "Project authorization is not founded.",
-        "Project requires signature authentication. x-signature and x-nonce headers are "
-        "required.",
+        "Project requires signature authentication. x-signature and x-nonce headers are required.",
         "Project authorization is not valid.",
     }
     assert sim.stats()["tasks_created"] == 0

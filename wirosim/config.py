@@ -46,7 +46,8 @@ class SimConfig(BaseModel):
     # The model writes to stderr mid-run: Task/Detail shows status task_error for a while
     # (debugerror holding the warning), then the task goes on (WIRO.md: interim event).
     interim_task_error: bool = False
-    # The task walks up to this status and stays there for ever (a task that never ends).
+    # Every task that reaches this status stays there while the knob names it: for ever,
+    # for a task that never ends; changing the knob lets the tasks stalled there go on.
     stall_at: str | None = None
     # A status no list of Wiro's names, walked through after task_assign.
     extra_status: str | None = None

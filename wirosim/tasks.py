@@ -117,7 +117,6 @@ class Task:
     output_size_bytes: int | None
     queue_hold_s: float = 0.0
     interim_task_error: bool = False
-    stall_at: str | None = None
     extra_status: str | None = None
     created: float = field(default_factory=time.time)
     killing: bool = False
@@ -334,7 +333,6 @@ class SimState:
             output_size_bytes=cfg.output_size_bytes,
             queue_hold_s=cfg.queue_hold_s,
             interim_task_error=cfg.interim_task_error,
-            stall_at=cfg.stall_at,
             extra_status=cfg.extra_status,
         )
         task.set_status("task_queue")
@@ -394,8 +392,10 @@ class SimState:
             for status in walk:
                 await asyncio.sleep(step)
                 task.set_status(status)
-                if status == task.stall_at:
-                    await asyncio.Event().wait()  # never set: the task never ends
+                # Stalled while the knob names this status: for ever, for a task that never
+                # ends; changing the knob lets every task stalled here go on.
+                while self.config.stall_at == status:  # noqa: ASYNC110 - PUT replaces the config
+                    await asyncio.sleep(0.05)
                 if status == "task_preprocess_start":
                     images = await self._load_inputs(task)
                 elif status == "task_error":
