@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-fast lint format openapi migrate bench bench-admission soak clean
+.PHONY: install run test test-fast lint format openapi migrate bench bench-admission soak smoke-wiro clean
 
 install: $(STAMP)
 
@@ -52,6 +52,10 @@ bench: install
 ## Runs refused per 1,000 jobs under a hidden lower limit at Wiro (about 6 minutes).
 bench-admission: install
 	$(PY) -m bench.admission
+
+## The seed's edit against the real Wiro (needs WIRO_API_KEY; costs about $0.015; never in CI).
+smoke-wiro: install
+	$(PY) -m tests.smoke_wiro
 
 migrate: install
 	$(VENV)/bin/dreamgate migrate

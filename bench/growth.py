@@ -1,10 +1,13 @@
 """4. Growth: submit throughput and `GET /v1/jobs` latency (first page, and a cursor half-way
-down) with the jobs table at 0, 100 k and 1 M rows; the sweep's due-jobs query
-(service.jobs.due_polls, the real function) with 100 k jobs running, and its EXPLAIN ANALYZE.
+down) with the jobs table at 0, 100 k and 1 M rows; the sweep's queries (the real
+functions: service.jobs.due_polls, and the deadline ones past_deadline, timed_out and
+due_stops) with 100 k jobs running, and the due-jobs query's EXPLAIN ANALYZE.
 
 Rows are made with one INSERT ... SELECT generate_series per level (then ANALYZE, as
 autovacuum would): the first 100 k are `running` (Wiro task ids, last news within the last
-2 h, next poll within +-1 h: about half are due), the rest `succeeded` and older. All
+2 h, next poll within +-1 h: about half are due), their Runs sent 0-2 h ago (so
+many are past WIRO_TASK_TIMEOUT_S), one in ten with a Cancel-After deadline within +-1 h and
+one in a hundred with a stop at Wiro due within +-1 h; the rest `succeeded` and older. All
 belong to the benchmark's API key, so the listing walks them. The table is truncated first;
 the Celery worker is stopped meanwhile. The floor is the same figure at 0 rows.
 """
@@ -21,13 +24,20 @@ from typing import Any
 from bench.common import Bench, load, ms, print_table, ratio, raw_request
 
 NAME = "growth"
-GOAL = "flat within noise from 0 to 1 M rows; sweep due-jobs query < 50 ms at 100 k running"
+GOAL = (
+    "flat within noise from 0 to 1 M rows; sweep due-jobs and deadline queries < 50 ms at "
+    "100 k running"
+)
 
 INSERT = """
 INSERT INTO jobs (id, status, owner, api_key_id, prompt, steps, scale, created_at, updated_at,
-                  enqueued_at, wiro_taskid, wiro_status, last_news_at, next_poll_at, finished_at)
+                  enqueued_at, wiro_taskid, wiro_status, last_news_at, next_poll_at, finished_at,
+                  run_sent_at, deadline_at, wiro_stop_next_at)
 SELECT gen_random_uuid(), s.status, %(owner)s, %(key_id)s, 'growth', 25, 3.5, s.created,
-       s.news, s.created, 'g-' || g, s.wiro_status, s.news, s.next_poll, s.finished
+       s.news, s.created, 'g-' || g, s.wiro_status, s.news, s.next_poll, s.finished,
+       s.news - interval '10 seconds',
+       CASE WHEN g %% 10 = 0 THEN now() + (random() - 0.5) * interval '2 hours' END,
+       CASE WHEN g %% 100 = 0 THEN now() + (random() - 0.5) * interval '2 hours' END
 FROM generate_series(%(start)s::int, %(stop)s::int) AS g,
 LATERAL (SELECT
     CASE WHEN g <= %(running)s THEN 'running' ELSE 'succeeded' END AS status,
@@ -57,13 +67,30 @@ def _cursor(bench: Bench, offset: int) -> str | None:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def sweep_query(bench: Bench, *, explain: bool) -> tuple[float, int, str]:
-    """Median time of jobs.due_polls (rolled back), rows it claimed, and EXPLAIN ANALYZE."""
+def sweep_queries(bench: Bench) -> dict[str, tuple[float, int]]:
+    """Median time (rolled back) and rows of each deadline query of the sweep."""
+    from service import jobs
+
+    queries = {
+        "deadline": lambda s: jobs.past_deadline(s, batch=200),
+        "timeout": lambda s: jobs.timed_out(s, older_than=timedelta(seconds=1800), batch=200),
+        "stops": lambda s: jobs.due_stops(s, lease=timedelta(seconds=60), batch=200),
+    }
+    return {name: sweep_query(bench, explain=False, query=q)[:2] for name, q in queries.items()}
+
+
+def sweep_query(
+    bench: Bench, *, explain: bool, query: Any = None
+) -> tuple[float, int, str]:
+    """Median time of jobs.due_polls (or ``query``; rolled back), rows it returned, and
+    EXPLAIN ANALYZE."""
     from sqlalchemy import event
     from sqlalchemy.orm import Session
 
     from service import jobs
 
+    if query is None:
+        query = lambda s: jobs.due_polls(s, grace=timedelta(seconds=60), batch=200)  # noqa: E731
     captured: list[tuple[str, Any]] = []
 
     def capture(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _many: bool) -> None:
@@ -77,7 +104,7 @@ def sweep_query(bench: Bench, *, explain: bool) -> tuple[float, int, str]:
                 trans = conn.begin()
                 session = Session(bind=conn)
                 t0 = time.perf_counter()
-                claimed = len(jobs.due_polls(session, grace=timedelta(seconds=60), batch=200))
+                claimed = len(query(session))
                 times.append(time.perf_counter() - t0)
                 session.close()
                 trans.rollback()
@@ -162,6 +189,7 @@ def run(bench: Bench) -> dict[str, Any]:
                 ).summary()
             sweep_s, claimed, plan = sweep_query(bench, explain=True)
             plans[str(level)] = plan
+            deadlines = sweep_queries(bench)
             rows.append(
                 {
                     "rows": total_rows,
@@ -175,6 +203,8 @@ def run(bench: Bench) -> dict[str, Any]:
                     "deep_p99_ms": deep["p99_ms"] if deep else None,
                     "sweep_ms": ms(sweep_s),
                     "sweep_claimed": claimed,
+                    **{f"{k}_ms": ms(v[0]) for k, v in deadlines.items()},
+                    **{f"{k}_rows": v[1] for k, v in deadlines.items()},
                     "errors": sub["errors"] + fp["errors"] + (deep["errors"] if deep else 0),
                 }
             )
@@ -193,7 +223,12 @@ def run(bench: Bench) -> dict[str, Any]:
         "rows": rows,
         "sweep_explain": plans,
         "sweep_ms_at_running": at_running[0]["sweep_ms"] if at_running else None,
-        "goal_sweep_met": bool(at_running) and all((r["sweep_ms"] or 1e9) < 50 for r in at_running),
+        "goal_sweep_met": bool(at_running)
+        and all(
+            (r[k] or 1e9) < 50
+            for r in at_running
+            for k in ("sweep_ms", "deadline_ms", "timeout_ms", "stops_ms")
+        ),
     }
     print_table(
         "4. growth: submit and GET /v1/jobs with the jobs table growing (floor: the 0-row level)",

@@ -18,9 +18,10 @@ lives in the one-row table ``wiro_admission``.
 
 When Wiro refuses our account (credentials or balance: ``WiroAccountRefused``), every Run
 would be refused alike, so admission pauses for everyone: one probe Run at a time, the
-probes backing off from 1 s to ``WIRO_ACCOUNT_PROBE_MAX_S`` (30 s), until a Run is
-accepted again. The refused jobs wait in the queue (they fail only at SUBMIT_DEADLINE_S);
-``/v1/admin/stats``, ``/ops`` and the metrics say since when Wiro refuses us.
+probes spaced by a quarter of the time refused so far, from 1 s up to
+``WIRO_ACCOUNT_PROBE_MAX_S`` (30 s), until a Run is accepted again. The refused jobs wait
+in the queue (they fail only at SUBMIT_DEADLINE_S); ``/v1/admin/stats``, ``/ops`` and the
+metrics say since when Wiro refuses us.
 """
 
 from __future__ import annotations
@@ -216,8 +217,11 @@ def account_refused(svc: Services, exc: WiroAccountRefused) -> None:
                     account_reason = :reason,
                     account_message = :message,
                     account_refusals = wiro_admission.account_refusals + 1,
-                    account_probe_at = now() + make_interval(secs => least(:most,
-                        power(2, least(wiro_admission.account_refusals, 16)))),
+                    -- A quarter of the time refused so far, from 1 s up to :most: the burst
+                    -- of Runs refused together at the start does not push the probes out.
+                    account_probe_at = now() + make_interval(secs => least(:most, greatest(1,
+                        extract(epoch FROM now() - coalesce(
+                            wiro_admission.account_refused_since, now())) / 4))),
                     updated_at = now()
                 RETURNING account_refusals, account_refused_since
                 """

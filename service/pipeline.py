@@ -209,7 +209,11 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
                 from_=[S.submitting],
                 detail=exc.as_detail(),
                 error_code="wiro_unavailable",
-                error_message=f"Wiro kept refusing the job for {int(age)} s: {exc.message}",
+                error_message=(
+                    f"Wiro kept refusing our {exc.reason} for {int(age)} s: {exc.message}"
+                    if isinstance(exc, WiroAccountRefused)
+                    else f"Wiro kept refusing the job for {int(age)} s: {exc.message}"
+                ),
             )
         webhooks.announce(svc, failed)
         admission.released(svc, failed)

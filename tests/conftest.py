@@ -211,7 +211,7 @@ def clean(engine: Engine, sim: httpx.Client) -> Iterator[None]:
                 conn.execute(
                     text(
                         "TRUNCATE jobs, job_inputs, job_outputs, job_events, idempotency_keys, "
-                        "wiro_admission CASCADE"
+                        "wiro_admission, wiro_statuses_seen CASCADE"
                     )
                 )
             break

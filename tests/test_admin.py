@@ -94,7 +94,9 @@ def test_stats_match_a_known_set_of_jobs(
         "ceiling": None,
         "in_flight": 0,
         "queued": 0,
+        "account_refused": None,  # Wiro accepts our credentials
     }
+    assert stats["wiro_unknown_statuses"] == []
     assert stats["jobs_by_status"] == {
         "queued": 0,
         "submitting": 0,

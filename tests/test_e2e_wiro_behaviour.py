@@ -354,8 +354,10 @@ def test_a_credentials_outage_pauses_admission_and_loses_no_job(
     time.sleep(5)
     for job_id in jobs:
         assert api.get(f"/v1/jobs/{job_id}").json()["status"] in ("queued", "submitting")
+    # The first admission pass's Runs (3 slots), then one probe at a time, about 1 s apart
+    # at first: not five jobs each retrying on its own.
     probes = sim_stats(sim)["run_calls"]
-    assert 1 <= probes <= 8  # one probe at a time, backing off; not every job hammering
+    assert 1 <= probes <= 10
 
     configure(sim, api_key=SIM_KEY)  # ops fixes the key
 

@@ -555,7 +555,7 @@ def test_kill_after_assign_and_cancel_refused(sim: Sim) -> None:
 
 
 def test_a_delayed_kill_is_accepted_before_the_task_reaches_cancel(sim: Sim) -> None:
-    sim.put_config(task_duration_s=10, stall_at="task_start", kill_delay_s=0.5)
+    sim.put_config(task_duration_s=1.0, stall_at="task_start", kill_delay_s=0.5)
     taskid = run_ok(sim)
     wait_for(sim, taskid, {"task_start"})
     killed = post(sim, "/v1/Task/Kill", taskid=taskid).json()
