@@ -131,6 +131,27 @@ def beat(schedule: str) -> None:
     app.start(["beat", "--loglevel", get_settings().log_level, "--schedule", schedule])
 
 
+@main.command("worker-probe")
+@click.option(
+    "--file",
+    "path",
+    default=None,
+    help="The heartbeat file [default: HEARTBEAT_FILE].",
+)
+@click.option("--max-age", default=60.0, show_default=True, help="Seconds a heartbeat stays good.")
+def worker_probe(path: str | None, max_age: float) -> None:
+    """Exit 0 while the worker's (or beat's) heartbeat file is fresh, 1 otherwise: a
+    liveness probe. A worker finishing its tasks after SIGTERM still counts as alive."""
+    from service import heartbeat
+
+    target = path or get_settings().heartbeat_file
+    if not target:
+        raise click.UsageError("no heartbeat file: set HEARTBEAT_FILE or pass --file")
+    verdict = heartbeat.check(Path(target), max_age_s=max_age)
+    click.echo(verdict.reason, err=not verdict.alive)
+    sys.exit(0 if verdict.alive else 1)
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8100, show_default=True, type=int)
