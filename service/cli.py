@@ -86,6 +86,9 @@ def serve(host: str, port: int, workers: int) -> None:
         # h11 (not httptools) because it bounds the header block while reading it.
         http="h11",
         h11_max_incomplete_event_size=64 * 1024,
+        # SIGTERM: stop accepting, let in-flight requests end (SSE and waits end at once,
+        # service/live.py drain), cut what is left after this long.
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
     )
 
 
