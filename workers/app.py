@@ -8,6 +8,7 @@ from typing import Any
 import structlog
 from celery import Celery, bootsteps
 from celery.signals import (
+    beat_init,
     task_postrun,
     task_prerun,
     worker_init,
@@ -16,7 +17,7 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from service import heartbeat, metrics
+from service import heartbeat, metrics, tracing
 from service.container import Services, build_services
 from service.logs import configure_logging
 from service.queue import SWEEP, make_celery
@@ -43,6 +44,18 @@ def services() -> Services:
     if _services is None:
         _services = build_services(get_settings())
     return _services
+
+
+@worker_init.connect
+def _trace_worker(**_: Any) -> None:
+    """Spans of this worker's tasks, when OTEL_EXPORTER_OTLP_ENDPOINT is set (a prefork
+    pool's children inherit the provider; the SDK restarts its export thread after fork)."""
+    tracing.configure(get_settings(), "worker")
+
+
+@beat_init.connect
+def _trace_beat(**_: Any) -> None:
+    tracing.configure(get_settings(), "beat")
 
 
 @worker_init.connect

@@ -12,6 +12,7 @@ from types import FrameType
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
+from service import tracing
 from service.api import errors
 from service.api.context import RequestContext
 from service.api.limits import BodyLimit
@@ -66,6 +67,7 @@ def drain_on_signals(
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     """Build the app; services are built from settings at startup unless given."""
     cfg = settings or get_settings()
+    provider = tracing.configure(cfg, "gateway")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -80,6 +82,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         finally:
             restore()
             await app.state.live.stop()
+            if provider is not None:
+                # uvicorn ends the process by re-raising SIGTERM: no atexit flush then.
+                provider.force_flush()
             if own:
                 app.state.services.close()
 
@@ -101,4 +106,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     errors.document_problems(app)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
     app.add_middleware(RequestContext)  # outermost: every line of the request has its id
+    if provider is not None:
+        tracing.instrument_app(app, provider)
     return app
