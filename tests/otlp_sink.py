@@ -100,4 +100,8 @@ class OtlpSink:
 if __name__ == "__main__":
     with OtlpSink(int(sys.argv[1]), keep=False) as running:
         print(f"OTLP sink on {running.endpoint}", flush=True)
-        threading.Event().wait()
+        seen = -1
+        while not threading.Event().wait(10):
+            if running.count != seen:
+                seen = running.count
+                print(f"{seen} spans received", flush=True)
