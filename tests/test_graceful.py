@@ -1,8 +1,9 @@
 """SIGTERM under load: the gateway drains, the worker finishes its tasks, nothing is lost.
 
 While clients keep submitting, hold `Prefer: wait` requests and follow SSE streams, the
-gateway and the worker get SIGTERM together (as Kubernetes sends it to a pod). Then a new
-gateway and a new worker are started, as a Deployment would.
+gateway (two uvicorn processes, as deployed) and the worker get SIGTERM together, as
+Kubernetes sends it to a pod's first process. Then a new gateway and a new worker are
+started, as a Deployment would.
 
 How requests are counted: every submit goes on a connection of its own. A connection
 refused (no listener) was never accepted and is sent again, as a client behind a load
@@ -135,6 +136,11 @@ def logged_request_ids(log: str) -> set[str]:
     return ids
 
 
+def start_gateway(stack: Stack, *, workers: int) -> None:
+    args = ["serve", "--port", str(stack.ports.api), "--workers", str(workers)]
+    stack.start_process("gateway", args, stack.ports.api)
+
+
 def _threads(target: Any, args: list[tuple[Any, ...]]) -> list[threading.Thread]:
     threads = [threading.Thread(target=target, args=a, daemon=True) for a in args]
     for t in threads:
@@ -147,6 +153,7 @@ def test_sigterm_under_load_fails_no_request_and_loses_no_job(
     stack: Stack, keys: dict[str, IssuedKey], engine: Engine, api: httpx.Client
 ) -> None:
     key = keys["app-a"].key
+    start_gateway(stack, workers=2)  # as deployed: SIGTERM reaches uvicorn's supervisor
     # Jobs to hold and to follow: low priority, so the load's jobs go first and these are
     # still unfinished when the SIGTERM comes.
     held = []
@@ -184,7 +191,7 @@ def test_sigterm_under_load_fails_no_request_and_loses_no_job(
     assert all(code == 200 for code, _ in waits.values()), waits
     assert all(outcome == "clean" for outcome, _, _ in streams.values()), streams
 
-    stack.start_process("gateway", ["serve", "--port", str(stack.ports.api)], stack.ports.api)
+    start_gateway(stack, workers=2)
     stack.start_worker()
     restarted.set()
     for t in load:
@@ -227,6 +234,7 @@ def test_sigterm_under_load_fails_no_request_and_loses_no_job(
         rows = dict(conn.execute(text("SELECT id::text, status FROM jobs")).all())
     assert sorted(rows) == sorted(tally.accepted + held)
     assert set(rows.values()) == {"succeeded"}
+    start_gateway(stack, workers=1)  # as the rest of the session expects
     print(
         f"\nSIGTERM under load: {len(tally.accepted)} submits accepted, "
         f"{tally.refused} refused while no gateway listened, "

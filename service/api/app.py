@@ -19,6 +19,7 @@ from service.api.limits import BodyLimit
 from service.api.routers import admin, events, health, jobs, metrics, wiro_callback
 from service.container import Services, build_services
 from service.live import JobEvents, listen_dsn
+from service.logs import configure_logging
 from service.settings import Settings, get_settings
 
 DESCRIPTION = """
@@ -72,6 +73,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = services is None
+        if own:
+            # `serve --workers N` spawns fresh interpreters: `serve` configured only the
+            # parent's logging, and these would log nothing (no access lines, no ids).
+            configure_logging(cfg.log_level, secrets=cfg.secret_values())
         app.state.services = services or build_services(cfg)
         # One LISTEN connection per process wakes every Prefer: wait and SSE waiter.
         app.state.live = JobEvents(listen_dsn(app.state.services.settings.database_url))
