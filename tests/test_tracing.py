@@ -15,7 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
+from service.queue import QUEUE
 from service.stack import Stack
 from tests.conftest import sample, upload_files, wait_for, wait_status
 from tests.otlp_sink import OtlpSink, Span
@@ -44,8 +46,16 @@ def traced(stack: Stack) -> Iterator[OtlpSink]:
 
 
 def restart(stack: Stack) -> None:
+    """New gateway and worker processes; the worker starts on an empty queue (a message left
+    by an earlier test, an admission pass, could otherwise claim the test's job in its own
+    trace) and is consuming before the test submits."""
     stack.start_process("gateway", ["serve", "--port", str(stack.ports.api)], stack.ports.api)
+    stack.processes["worker"].stop()
+    redis.Redis.from_url(stack.env["REDIS_URL"]).delete(QUEUE)
+    log = stack.logs / "worker.log"
+    offset = log.stat().st_size
     stack.start_worker()
+    wait_for(lambda: " ready." in log.read_text()[offset:], timeout=60, what="worker ready")
 
 
 def tree(spans: list[Span], trace_id: str) -> dict[str, Span]:
