@@ -86,6 +86,9 @@ def serve(host: str, port: int, workers: int) -> None:
         # h11 (not httptools) because it bounds the header block while reading it.
         http="h11",
         h11_max_incomplete_event_size=64 * 1024,
+        # SIGTERM: stop accepting, let in-flight requests end (SSE and waits end at once,
+        # service/live.py drain), cut what is left after this long.
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
     )
 
 
@@ -129,6 +132,27 @@ def beat(schedule: str) -> None:
 
     Path(schedule).parent.mkdir(parents=True, exist_ok=True)
     app.start(["beat", "--loglevel", get_settings().log_level, "--schedule", schedule])
+
+
+@main.command("worker-probe")
+@click.option(
+    "--file",
+    "path",
+    default=None,
+    help="The heartbeat file [default: HEARTBEAT_FILE].",
+)
+@click.option("--max-age", default=60.0, show_default=True, help="Seconds a heartbeat stays good.")
+def worker_probe(path: str | None, max_age: float) -> None:
+    """Exit 0 while the worker's (or beat's) heartbeat file is fresh, 1 otherwise: a
+    liveness probe. A worker finishing its tasks after SIGTERM still counts as alive."""
+    from service import heartbeat
+
+    target = path or get_settings().heartbeat_file
+    if not target:
+        raise click.UsageError("no heartbeat file: set HEARTBEAT_FILE or pass --file")
+    verdict = heartbeat.check(Path(target), max_age_s=max_age)
+    click.echo(verdict.reason, err=not verdict.alive)
+    sys.exit(0 if verdict.alive else 1)
 
 
 @main.command()

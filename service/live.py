@@ -49,10 +49,18 @@ class Subscription:
     def wake(self) -> None:
         self._flag.set()
 
+    @property
+    def draining(self) -> bool:
+        """True once the process is shutting down: answer with what there is, then stop."""
+        return self._hub.draining
+
     async def wait(self, within: float) -> bool:
         """Sleep until the job has news or ``within`` seconds pass; True when the caller should
         re-read: it was woken, or the listener is down (then waits are cut to a few seconds).
+        While the process drains it returns True at once (the caller re-reads and ends).
         """
+        if self._hub.draining:
+            return True
         if not self._hub.connected:
             within = min(within, OFFLINE_RECHECK_S)
         try:
@@ -91,6 +99,7 @@ class JobEvents:
         self._waiters: dict[uuid.UUID, weakref.WeakSet[Subscription]] = {}
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        self._draining = False
         self.notifications = 0
         self.reconnects = 0
 
@@ -98,6 +107,18 @@ class JobEvents:
     def connected(self) -> bool:
         """True while the LISTEN connection is up."""
         return self._connected.is_set()
+
+    @property
+    def draining(self) -> bool:
+        """True once ``drain`` was called: the process is shutting down."""
+        return self._draining
+
+    def drain(self) -> None:
+        """Shutdown has begun (SIGTERM): wake every waiter, and let no wait sleep from now on,
+        so that Prefer: wait holds and SSE streams answer with the job as it is and end
+        within the server's graceful shutdown instead of being cut at its end."""
+        self._draining = True
+        self._wake_all()
 
     @property
     def waiting(self) -> int:

@@ -10,6 +10,8 @@ from typing import Any
 
 import structlog
 
+from service.tracing import current_ids
+
 REDACTED = "[redacted]"
 # Secrets that may ride in a message (an access-log line with ?token=, an echoed header),
 # by their shape: callback tokens, bearer credentials, our API keys, webhook secrets.
@@ -53,6 +55,12 @@ def redactor(literals: Iterable[str] = ()) -> structlog.types.Processor:
     return processor
 
 
+def add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The current span's trace_id and span_id (OpenTelemetry), when one is recorded."""
+    event.update(current_ids())
+    return event
+
+
 def configure_logging(
     level: str = "INFO", *, json: bool | None = None, secrets: Iterable[str] = ()
 ) -> None:
@@ -67,6 +75,7 @@ def configure_logging(
     )
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_trace_ids,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

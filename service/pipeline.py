@@ -23,7 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from service import admission, jobs, metrics, webhooks
+from service import admission, jobs, metrics, tracing, webhooks
 from service.container import Services
 from service.db import transaction
 from service.models import TERMINAL, Job, JobEvent, JobOutput, WiroStatusSeen
@@ -53,8 +53,9 @@ def _first_poll(svc: Services) -> Any:
 
 
 def callback_url(public_url: str, job_id: uuid.UUID, token: str) -> str:
-    """The URL Wiro calls when the job's task ends."""
-    return public_url.rstrip("/") + CALLBACK_PATH.format(job_id=job_id) + f"?token={token}"
+    """The URL Wiro calls when the job's task ends (with the trace context when traced)."""
+    path = CALLBACK_PATH.format(job_id=job_id)
+    return public_url.rstrip("/") + path + f"?token={token}" + tracing.callback_query()
 
 
 def backoff_s(attempt: int, *, base: float = 2.0, cap: float = 300.0) -> float:

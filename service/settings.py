@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     wiro_max_in_flight: int = Field(8, ge=1)
     wiro_admission_increase_after: int = Field(10, ge=1)
     wiro_admission_probe_after: int = Field(500, ge=1)
-    # -- Wiro's tasks: deadlines and stopping (docs/decisions/0011) --
+    # -- Wiro's tasks: deadlines and stopping (docs/decisions/0013) --
     # A task at Wiro longer than this (from its Run) is stopped there and the job fails
     # ``wiro_task_timeout``; its admission slot is freed at once.
     wiro_task_timeout_s: float = Field(1800.0, gt=0)
@@ -117,6 +117,28 @@ class Settings(BaseSettings):
     # Seconds a gateway process trusts a key it authenticated; a revoked key keeps working
     # that long in each process. 0 asks PostgreSQL on every request.
     auth_cache_ttl_s: float = Field(5.0, ge=0)
+
+    # -- deployment: beat leader, probes, graceful shutdown, tracing (issue 18) --
+    # Beat sends the sweep only while it holds a Redis lease of this many seconds, renewed
+    # every third of it: a second beat (a rolling update, a stray replica) sends nothing.
+    beat_leader_ttl_s: float = Field(30.0, ge=3)
+    # A worker (and beat) touches this file every HEARTBEAT_INTERVAL_S while its loop runs;
+    # `dreamgate worker-probe` checks its age (a Kubernetes exec probe). Empty: off.
+    heartbeat_file: str = ""
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    # On SIGTERM the gateway stops accepting, ends SSE streams and Prefer: wait holds with
+    # the job as it is, and gives in-flight requests this long before cutting them.
+    shutdown_grace_s: float = Field(20.0, gt=0)
+    # OpenTelemetry traces over OTLP/HTTP to this base URL (…/v1/traces is appended), as the
+    # OTel variable of the same name. Empty: no tracing at all (nothing is installed).
+    otel_exporter_otlp_endpoint: str = ""
+    # service.name is this plus the process type: dreamgate-gateway, dreamgate-worker, ...
+    otel_service_name: str = "dreamgate"
+
+    @property
+    def tracing_enabled(self) -> bool:
+        """True when spans are exported (OTEL_EXPORTER_OTLP_ENDPOINT is set)."""
+        return bool(self.otel_exporter_otlp_endpoint.strip())
 
 
 @lru_cache(maxsize=1)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import structlog
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.signals import (
+    beat_init,
     task_postrun,
     task_prerun,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
+    worker_shutting_down,
 )
 
-from service import metrics
+from service import heartbeat, metrics, tracing
 from service.container import Services, build_services
 from service.logs import configure_logging
 from service.queue import SWEEP, make_celery
@@ -29,6 +32,8 @@ app.conf.beat_schedule = {
     "sweep": {"task": SWEEP, "schedule": _settings.sweep_interval_s, "options": {"expires": 60}},
 }
 app.conf.imports = ("workers.tasks",)
+# Only the beat holding the Redis lease sends the schedule (workers/beat.py).
+app.conf.beat_scheduler = "workers.beat:LeaderScheduler"
 
 _services: Services | None = None
 
@@ -42,11 +47,59 @@ def services() -> Services:
 
 
 @worker_init.connect
+def _trace_worker(**_: Any) -> None:
+    """Spans of this worker's tasks, when OTEL_EXPORTER_OTLP_ENDPOINT is set (a prefork
+    pool's children inherit the provider; the SDK restarts its export thread after fork)."""
+    tracing.configure(get_settings(), "worker")
+
+
+@beat_init.connect
+def _trace_beat(**_: Any) -> None:
+    tracing.configure(get_settings(), "beat")
+
+
+@worker_init.connect
 def _serve_metrics(**_: Any) -> None:
     """This worker's own /metrics, when WORKER_METRICS_PORT is set."""
     port = get_settings().worker_metrics_port
     if port:
         metrics.serve(port)
+
+
+class Heartbeat(bootsteps.StartStopStep):
+    """Touches HEARTBEAT_FILE from the worker's event loop (its timer), for a liveness probe."""
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        cfg = get_settings()
+        self.path = Path(cfg.heartbeat_file) if cfg.heartbeat_file else None
+        self.interval_s = cfg.heartbeat_interval_s
+        self.tref: Any = None
+
+    def start(self, parent: Any) -> None:
+        if self.path is not None:
+            heartbeat.beat(self.path, force=True)
+            self.tref = parent.timer.call_repeatedly(
+                self.interval_s, heartbeat.beat, (self.path,), priority=10
+            )
+
+    def stop(self, parent: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+
+app.steps["worker"].add(Heartbeat)
+
+
+@worker_shutting_down.connect
+def _heartbeat_stopping(**_: Any) -> None:
+    """A warm shutdown finishes the tasks in hand: the probe must not restart us meanwhile."""
+    path = get_settings().heartbeat_file
+    if path:
+        heartbeat.beat(Path(path), heartbeat.STOPPING)
 
 
 @worker_process_init.connect

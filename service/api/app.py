@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
+from service import tracing
 from service.api import errors
 from service.api.context import RequestContext
 from service.api.limits import BodyLimit
 from service.api.routers import admin, events, health, jobs, metrics, wiro_callback
 from service.container import Services, build_services
 from service.live import JobEvents, listen_dsn
+from service.logs import configure_logging
 from service.settings import Settings, get_settings
 
 DESCRIPTION = """
@@ -25,21 +31,65 @@ to S3. Every refusal is an `application/problem+json` document with a stable `co
 """
 
 
+def drain_on_signals(
+    loop: asyncio.AbstractEventLoop, drain: Callable[[], None]
+) -> Callable[[], None]:
+    """Call ``drain`` on the loop as soon as SIGTERM or SIGINT arrives, then let the server's
+    own handler (uvicorn's graceful shutdown) run; returns what puts the handlers back.
+
+    uvicorn only tells the app at the very end (lifespan shutdown, after every connection
+    closed), so SSE streams and Prefer: wait holds would be cut at its timeout. Chaining the
+    handler lets them answer at once and the drain finish within the grace period.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signals reach the main thread only (e.g. a TestClient)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(drain)
+        before = previous[signal.Signals(signum)]
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL:
+            signal.signal(signum, before)
+            signal.raise_signal(signum)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, before in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, before)
+
+    return restore
+
+
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     """Build the app; services are built from settings at startup unless given."""
     cfg = settings or get_settings()
+    provider = tracing.configure(cfg, "gateway")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = services is None
+        if own:
+            # `serve --workers N` spawns fresh interpreters: `serve` configured only the
+            # parent's logging, and these would log nothing (no access lines, no ids).
+            configure_logging(cfg.log_level, secrets=cfg.secret_values())
         app.state.services = services or build_services(cfg)
         # One LISTEN connection per process wakes every Prefer: wait and SSE waiter.
         app.state.live = JobEvents(listen_dsn(app.state.services.settings.database_url))
         await app.state.live.start()
+        restore = drain_on_signals(asyncio.get_running_loop(), app.state.live.drain)
         try:
             yield
         finally:
+            restore()
             await app.state.live.stop()
+            if provider is not None:
+                # uvicorn ends the process by re-raising SIGTERM: no atexit flush then.
+                provider.force_flush()
             if own:
                 app.state.services.close()
 
@@ -61,4 +111,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     errors.document_problems(app)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
     app.add_middleware(RequestContext)  # outermost: every line of the request has its id
+    if provider is not None:
+        tracing.instrument_app(app, provider)
     return app

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
@@ -26,6 +27,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 # A stream that is woken but finds nothing new sleeps again for this long at most.
 IDLE_WAIT_S = 3600.0
+# How long sse-starlette lets a stream end by itself once shutdown begins.
+DRAIN_GRACE_S = 5.0
 
 STREAM_DESCRIPTION = """
 The job's timeline as `text/event-stream`. First every event already recorded after
@@ -103,7 +106,9 @@ async def _follow(
         while True:
             for event in replay.events:
                 yield event
-            if replay.finished:
+            if replay.finished or sub.draining:
+                # Ended, or the gateway is shutting down: the client resumes elsewhere
+                # with Last-Event-ID from the last event sent here.
                 return
             while not await sub.wait(IDLE_WAIT_S):
                 pass
@@ -161,4 +166,8 @@ async def job_events(
     return EventSourceResponse(
         _follow(svc, job_id, sub, first),
         ping=svc.settings.sse_keepalive_s,
+        # On shutdown sse-starlette would cancel the stream mid-body; the hub's drain ends
+        # it cleanly instead (after one last read), well within this.
+        shutdown_event=anyio.Event(),
+        shutdown_grace_period=DRAIN_GRACE_S,
     )

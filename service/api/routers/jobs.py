@@ -115,6 +115,8 @@ async def _load_waiting(
             if not await sub.wait(remaining):
                 continue
             changed = True
+            if sub.draining:  # the gateway is shutting down: the job as it is, now
+                break
             now = await run_in_threadpool(_status, svc, job_id)
             if now is None or now.terminal:
                 break
