@@ -9,9 +9,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """The service's configuration; each field is the env var of the same name, upper-cased."""
+    """The service's configuration; each field is the env var of the same name, upper-cased.
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+    Also read from a ``.env`` file in the working directory (``.env.example`` lists every
+    variable); a variable set in the environment wins over the file.
+    """
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
 
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/dreamgate"
     redis_url: str = "redis://127.0.0.1:6379/0"
