@@ -124,7 +124,9 @@ def dispatch(svc: Services, job_event_id: int) -> uuid.UUID | None:
 
 def render_body(svc: Services, job: Job, event_type: str, at: datetime) -> str:
     """The JSON body: event type, the event's time, and the job as GET /v1/jobs/{id} shows it."""
-    data = job_out(job, svc.storage, svc.settings.presign_ttl_s, full=True)
+    data = job_out(
+        job, svc.storage, svc.settings.presign_ttl_s, full=True, base_url=svc.settings.public_url
+    )
     payload = {
         "type": event_type,
         "timestamp": at.astimezone(UTC).isoformat(),
