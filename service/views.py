@@ -99,28 +99,31 @@ class JobUrls(BaseModel):
 
 @dataclass(frozen=True)
 class Milestones:
-    """When the job's current attempt reached Wiro, left it, and finished its copy."""
+    """When the job's current attempt reached Wiro, left it, finished its copy, ended."""
 
     started_at: datetime | None = None
     wiro_ended_at: datetime | None = None
     finalizing_at: datetime | None = None
     finalized_at: datetime | None = None
+    completed_at: datetime | None = None
 
 
+_ENDS = tuple(s.value for s in JobStatus if s.terminal)
 # The transitions that milestones need (an admin's retry, failed -> queued, starts afresh).
 MILESTONE_FILTER = or_(
-    JobEvent.to_status.in_((JobStatus.running.value, JobStatus.queued.value)),
+    JobEvent.to_status.in_((JobStatus.running.value, JobStatus.queued.value, *_ENDS)),
     JobEvent.from_status.in_((JobStatus.running.value, JobStatus.finalizing.value)),
 )
 
 
 def milestones(transitions: Iterable[tuple[str | None, str | None, datetime]]) -> Milestones:
     """The current attempt's milestones from its transitions ``(from, to, at)``, in order."""
-    started = ended = finalizing = finalized = None
+    started = ended = finalizing = finalized = completed = None
     for from_status, to_status, at in transitions:
-        if to_status == JobStatus.queued and from_status == JobStatus.failed:
-            started = ended = finalizing = finalized = None  # a retry: a new attempt
-        elif to_status == JobStatus.running:
+        if to_status == JobStatus.queued and from_status in _ENDS:
+            started = ended = finalizing = finalized = completed = None  # a retry
+            continue
+        if to_status == JobStatus.running:
             started, ended, finalizing, finalized = at, None, None, None
         elif from_status == JobStatus.running:
             ended = at
@@ -128,7 +131,9 @@ def milestones(transitions: Iterable[tuple[str | None, str | None, datetime]]) -
                 finalizing = at
         elif from_status == JobStatus.finalizing:
             finalized = at
-    return Milestones(started, ended, finalizing, finalized)
+        if to_status in _ENDS:
+            completed = at
+    return Milestones(started, ended, finalizing, finalized, completed)
 
 
 def milestones_for(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Milestones]:
@@ -159,8 +164,15 @@ def job_metrics(job: Job, m: Milestones) -> JobMetrics:
         queue_s=_span(job.created_at, m.started_at),
         wiro_s=_span(m.started_at, m.wiro_ended_at),
         finalize_s=_span(m.finalizing_at, m.finalized_at),
-        total_s=_span(job.created_at, job.finished_at),
+        total_s=_span(job.created_at, _completed(job, m)),
     )
+
+
+def _completed(job: Job, m: Milestones) -> datetime | None:
+    """The terminal transition's time (``finished_at`` is its transaction's start)."""
+    if not JobStatus(job.status).terminal:
+        return None
+    return m.completed_at or job.finished_at
 
 
 def job_urls(job_id: uuid.UUID, base_url: str) -> JobUrls:
@@ -273,9 +285,13 @@ class JobOut(BaseModel):
         description="When Wiro accepted the Run (the current attempt's; null before)."
     )
     completed_at: datetime | None = Field(
-        description="When the job reached succeeded, failed or canceled."
+        description="When the job reached succeeded, failed or canceled (its timeline's "
+        "terminal event)."
     )
-    finished_at: datetime | None = Field(description="The same as `completed_at` (older name).")
+    finished_at: datetime | None = Field(
+        description="When the transaction that ended the job began (a moment before "
+        "`completed_at`; kept for older clients)."
+    )
     metrics: JobMetrics
     urls: JobUrls
 
@@ -348,7 +364,7 @@ def job_out(
         created_at=job.created_at,
         updated_at=job.updated_at,
         started_at=marks.started_at,
-        completed_at=job.finished_at,
+        completed_at=_completed(job, marks),
         finished_at=job.finished_at,
         metrics=job_metrics(job, marks),
         urls=job_urls(job.id, base_url),
