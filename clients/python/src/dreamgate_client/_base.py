@@ -162,17 +162,12 @@ class Part:
     path: Path | None = None
     data: bytes | None = None
     file: IO[bytes] | None = None
-    start: int | None = None  # where a seekable file object was, to send it again
+    seekable: bool = True  # httpx sends a file object from its start (it seeks to 0)
     filename: str = "image"
 
     def rewind(self) -> bool:
         """Ready to be sent again: False for a file object that cannot seek back."""
-        if self.file is None:
-            return True
-        if self.start is None:
-            return False
-        self.file.seek(self.start)
-        return True
+        return self.file is None or self.seekable
 
 
 def image_parts(images: Sequence[ImageInput]) -> list[Part]:
@@ -192,8 +187,8 @@ def image_parts(images: Sequence[ImageInput]) -> list[Part]:
             parts.append(Part(data=bytes(image), filename=f"image-{n}"))
         elif hasattr(image, "read"):
             name = Path(str(getattr(image, "name", "") or f"image-{n}")).name or f"image-{n}"
-            start = image.tell() if getattr(image, "seekable", lambda: False)() else None
-            parts.append(Part(file=image, start=start, filename=name))
+            seekable = bool(getattr(image, "seekable", lambda: False)())
+            parts.append(Part(file=image, seekable=seekable, filename=name))
         else:
             raise TypeError(f"images[{n}]: a path, bytes, a binary file or an http(s) URL")
     return parts
