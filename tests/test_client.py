@@ -199,6 +199,30 @@ def test_a_missing_image_file_is_refused_before_sending(tmp_path: Path) -> None:
     assert info.value.code == "bad_image" and "nope.jpg" in info.value.detail
 
 
+def test_jobs_parse_leniently_new_fields_typed_unknown_ones_kept_in_raw() -> None:
+    job = Job.from_dict(
+        job_body(
+            "running",
+            wiro={"taskid": "7", "status": "task_start", "cost": None, "stopping": True},
+            deadline_at="2026-11-26T12:05:00Z",
+            cancel_outcome="pending",
+            started_at="2026-11-26T12:00:01Z",
+            metrics={"queue_s": 1.0, "wiro_s": None, "finalize_s": None, "total_s": None},
+            urls={"get": "http://gw/v1/jobs/j", "cancel": "c", "stream": "s"},
+            something_new={"a": 1},
+        )
+    )
+    assert job.wiro.stopping and job.cancel_outcome == "pending"
+    assert job.deadline_at == datetime(2026, 11, 26, 12, 5, tzinfo=UTC)
+    assert (job.metrics.queue_s, job.metrics.total_s, job.urls.get) == (
+        1.0,
+        None,
+        "http://gw/v1/jobs/j",
+    )
+    assert job.raw["something_new"] == {"a": 1}
+    assert not job.terminal and job.completed_at is None
+
+
 # -- refusals, retries ---------------------------------------------------------------------
 
 

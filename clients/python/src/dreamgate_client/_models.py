@@ -33,11 +33,18 @@ class WiroInfo:
     taskid: str | None = None
     status: str | None = None
     cost: str | None = None
+    # True while the gateway is still stopping the task at Wiro (a cancel or a deadline).
+    stopping: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> WiroInfo:
         data = data or {}
-        return cls(taskid=data.get("taskid"), status=data.get("status"), cost=data.get("cost"))
+        return cls(
+            taskid=data.get("taskid"),
+            status=data.get("status"),
+            cost=data.get("cost"),
+            stopping=bool(data.get("stopping")),
+        )
 
 
 @dataclass(frozen=True)
@@ -196,6 +203,9 @@ class Job:
     timeline: list[Event] | None = None
     queue_position: int | None = None
     estimated_start_at: datetime | None = None
+    # When the job's Cancel-After passes; after a cancel: pending, canceled, finished_first.
+    deadline_at: datetime | None = None
+    cancel_outcome: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -241,6 +251,8 @@ class Job:
             timeline=[Event.from_dict(e) for e in timeline] if timeline is not None else None,
             queue_position=data.get("queue_position"),
             estimated_start_at=_time(data.get("estimated_start_at")),
+            deadline_at=_time(data.get("deadline_at")),
+            cancel_outcome=data.get("cancel_outcome"),
             raw=data,
         )
 
