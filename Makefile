@@ -4,15 +4,28 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-fast lint format openapi migrate bench bench-admission soak smoke-wiro k8s clean
+# Every install is pinned by constraints.txt (`make lock` rewrites it), build backend too.
+PIN    := PIP_CONSTRAINT=$(CURDIR)/constraints.txt
+
+.PHONY: install lock run test test-fast lint format openapi migrate bench bench-admission soak smoke-wiro k8s clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[embedded,dev]'
+	$(PIN) $(PY) -m pip install --quiet --upgrade pip
+	$(PIN) $(PY) -m pip install --quiet -e '.[embedded,dev]'
 	touch $(STAMP)
+
+## Resolve every dependency afresh (server, extras, client, build backend) into constraints.txt.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	PIP_CONSTRAINT= .lock-venv/bin/pip install --quiet --upgrade pip setuptools
+	PIP_CONSTRAINT= .lock-venv/bin/pip install --quiet '.[embedded,dev]' ./clients/python
+	{ echo "# Pins of every dependency of dreamgate (extras embedded and dev), dreamgate-client and"; \
+	  echo "# the build backend, from one resolution (Python 3.11, Linux). Rewrite with make lock."; \
+	  .lock-venv/bin/pip freeze --all --exclude dreamgate --exclude dreamgate-client; } > constraints.txt
+	rm -rf .lock-venv
 
 ## Start the whole stack on embedded defaults (Ctrl-C stops it).
 run: install
@@ -28,12 +41,12 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check service workers wirosim tests
+	$(VENV)/bin/ruff format --check service workers wirosim tests clients
 	$(VENV)/bin/mypy
 
 format: install
 	$(VENV)/bin/ruff check --fix .
-	$(VENV)/bin/ruff format service workers wirosim tests
+	$(VENV)/bin/ruff format service workers wirosim tests clients
 
 ## Write openapi/openapi.json from the app (a test fails when it drifts).
 openapi: install
@@ -71,4 +84,4 @@ migrate: install
 	$(VENV)/bin/dreamgate migrate
 
 clean:
-	rm -rf $(VENV) .dreamgate .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .dreamgate .pytest_cache .mypy_cache .ruff_cache .lock-venv build dist

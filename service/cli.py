@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import click
 from rich import box
@@ -20,11 +20,12 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from service.client import DEFAULT_URL, TERMINAL, Client, GatewayError, Job
+from dreamgate_client import DEFAULT_URL, Client, DreamgateError, Event, Job
+from service import __version__
 from service.settings import get_settings
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "samples"
+# The seed's sample images, shipped in the wheel (in a checkout, links to samples/).
+SAMPLES = Path(__file__).resolve().parent / "samples"
 SEED_PROMPT = "Replace the suit in the first image with the clothes in the second image."
 
 
@@ -33,7 +34,7 @@ CLIENT_COMMANDS = {"edit", "jobs", "example"}
 
 
 class Cli(click.Group):
-    """The command group; a GatewayError (or, in client commands, any error) becomes one
+    """The command group; a DreamgateError (or, in client commands, any error) becomes one
     line on stderr, ``error: <detail> (<code>)``, and exit code 2. DREAMGATE_DEBUG=1 shows
     the traceback instead."""
 
@@ -42,7 +43,7 @@ class Cli(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except GatewayError as exc:
+        except DreamgateError as exc:
             if os.environ.get("DREAMGATE_DEBUG"):
                 raise
             _fail(exc.detail, exc.code)
@@ -59,6 +60,7 @@ def _fail(detail: str, code: str) -> NoReturn:
 
 
 @click.group(cls=Cli)
+@click.version_option(__version__, "--version", "-V", prog_name="dreamgate")
 def main() -> None:
     """dreamgate: a reliable gateway to Wiro's DreamOmni2 image editing."""
 
@@ -167,14 +169,10 @@ def sim(host: str, port: int) -> None:
 
 
 def run_migrations(database_url: str) -> None:
-    """Upgrade the schema to the newest Alembic revision."""
-    from alembic import command
-    from alembic.config import Config
+    """Upgrade the schema to the newest Alembic revision (the migrations in the wheel)."""
+    import migrations
 
-    cfg = Config(str(ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
-    cfg.attributes["database_url"] = database_url
-    command.upgrade(cfg, "head")
+    migrations.upgrade(database_url)
 
 
 @main.command()
@@ -384,47 +382,6 @@ def dev(data_dir: str, port: int) -> None:
         stack.stop()
 
 
-@main.command()
-@click.option("--url", envvar="DREAMGATE_URL", default="http://127.0.0.1:8000", show_default=True)
-@click.option(
-    "--key",
-    envvar="DREAMGATE_KEY",
-    default=None,
-    help="API key (default: the dev key that `dreamgate dev` wrote).",
-)
-@click.option("--timeout", default=180.0, show_default=True)
-def example(url: str, key: str | None, timeout: float) -> None:
-    """Send the seed's example edit with the bundled sample images and wait for the result."""
-    import httpx
-
-    files = [
-        ("images", (p.name, p.read_bytes(), "image/jpeg"))
-        for p in (SAMPLES / "dreamomni2-input-1.jpg", SAMPLES / "dreamomni2-input-2.jpg")
-    ]
-    key = key or _dev_key()
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    with httpx.Client(base_url=url, timeout=30, headers=headers) as client:
-        r = client.post(
-            "/v1/jobs", files=files, data={"prompt": SEED_PROMPT, "steps": "25", "scale": "3.5"}
-        )
-        if r.status_code != 202:
-            raise click.ClickException(f"submit failed: {r.status_code} {r.text}")
-        job = r.json()
-        click.echo(f"submitted {job['id']}")
-        deadline = time.monotonic() + timeout
-        while job["status"] not in ("succeeded", "failed", "canceled"):
-            if time.monotonic() > deadline:
-                raise click.ClickException(f"job still {job['status']} after {timeout} s")
-            time.sleep(1)
-            job = client.get(f"/v1/jobs/{job['id']}").json()
-            click.echo(f"  {job['status']:<11} wiro: {job['wiro']['status']}")
-    click.echo(
-        json.dumps({k: job[k] for k in ("id", "status", "timeline", "outputs", "error")}, indent=2)
-    )
-    if job["status"] != "succeeded":
-        sys.exit(1)
-
-
 DEV_KEY_FILE = Path(".dreamgate") / "dev-key"  # written by `dreamgate dev`
 
 
@@ -441,6 +398,7 @@ def openapi() -> None:
 
 
 # --- Talking to a running gateway: edit, jobs list|show|cancel|wait -----------------------
+# Through dreamgate_client, the same client apps install (`pip install ./clients/python`).
 
 STATUSES = ("queued", "submitting", "running", "finalizing", "succeeded", "failed", "canceled")
 STATUS_STYLE = {
@@ -473,7 +431,7 @@ def gateway_options(f: F) -> F:
 
 
 def gateway(url: str, key: str | None) -> Client:
-    return Client(url, key or os.environ.get("DREAMGATE_KEY") or _dev_key())
+    return Client(url, key or os.environ.get("DREAMGATE_KEY") or _dev_key() or "")
 
 
 def _err_console() -> Console:
@@ -487,21 +445,16 @@ def _out_console() -> Console:
     return console
 
 
-def _when(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
-
-
 def _styled(status: str) -> Text:
     return Text(status, style=STATUS_STYLE.get(status, ""))
 
 
-def _seconds(start: str | None, end: str | None) -> str:
-    a, b = _when(start), _when(end)
-    return f"+{(b - a).total_seconds():.2f}s" if a and b else ""
+def _seconds(start: datetime | None, end: datetime | None) -> str:
+    return f"+{(end - start).total_seconds():.2f}s" if start and end else ""
 
 
-def _transitions(job: Job) -> list[dict[str, Any]]:
-    return [e for e in job.get("timeline") or [] if e.get("kind") == "transition"]
+def _transitions(job: Job) -> list[Event]:
+    return [e for e in job.timeline or [] if e.kind == "transition"]
 
 
 class JobFollower:
@@ -533,37 +486,37 @@ class JobFollower:
         if self.job is None and self.live is None:
             self.console.print(f"job {self.job_id}")
         self.job = job
-        wiro = (job.get("wiro") or {}).get("status")
+        wiro = job.wiro.status
         new_wiro = bool(wiro) and (not self.wiro_seen or self.wiro_seen[-1] != wiro)
-        if new_wiro:
-            self.wiro_seen.append(str(wiro))
+        if wiro and new_wiro:
+            self.wiro_seen.append(wiro)
         if self.live is not None:
             self.live.refresh()
             return
         for e in _transitions(job):
-            if e["id"] not in self.printed:
-                self.printed.add(e["id"])
-                since = _seconds(job.get("created_at"), e.get("at"))
-                self.console.print(f"  {e.get('to') or '?':<11} {since}")
+            if e.id not in self.printed:
+                self.printed.add(e.id)
+                self.console.print(f"  {e.to_status or '?':<11} {_seconds(job.created_at, e.at)}")
         if new_wiro:
             self.console.print(f"  {'wiro':<11} {wiro}")
 
     def __rich__(self) -> RenderableType:
-        job = self.job or {}
-        status = str(job.get("status") or "submitting")
+        job = self.job
+        status = job.status if job else "submitting"
         rows = Table.grid(padding=(0, 2))
         rows.add_column(min_width=11)
         rows.add_column(justify="right")
-        for e in _transitions(job):
-            rows.add_row(_styled(e.get("to") or "?"), _seconds(job.get("created_at"), e.get("at")))
+        if job is not None:
+            for e in _transitions(job):
+                rows.add_row(_styled(e.to_status or "?"), _seconds(job.created_at, e.at))
         head = Text.assemble(("job ", "bold"), (self.job_id, "bold"), "  ", _styled(status))
         if self.wiro_seen:
             head.append(f"  wiro: {' → '.join(self.wiro_seen)}", style="dim")
-        if status in TERMINAL and self.ended is None:
+        if job is not None and job.terminal and self.ended is None:
             self.ended = time.monotonic()
         head.append(f"  {(self.ended or time.monotonic()) - self.started:.1f}s", style="dim")
         parts: list[RenderableType] = [head, rows]
-        if status not in TERMINAL:
+        if job is None or not job.terminal:
             self.spinner.text = Text(f"waiting for the job ({status})", style="dim")
             parts.append(self.spinner)
         return Group(*parts)
@@ -579,13 +532,38 @@ def follow(client: Client, job_id: str, timeout: float | None) -> Job:
 
 def _finish(job: Job) -> None:
     """One closing line on stderr; exit 1 unless the job succeeded."""
-    err = _err_console()
-    if job["status"] == "succeeded":
+    if job.succeeded:
         return
-    error = job.get("error") or {}
-    why = f": {error.get('message')} ({error.get('code')})" if error else ""
-    err.print(Text.assemble("job ", str(job["id"]), " ", _styled(job["status"]), why))
+    why = f": {job.error.message} ({job.error.code})" if job.error else ""
+    _err_console().print(Text.assemble("job ", job.id, " ", _styled(job.status), why))
     sys.exit(1)
+
+
+@main.command()
+@click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also save the outputs here.",
+)
+@gateway_options
+def example(timeout: float, out: Path | None, url: str, key: str | None) -> None:
+    """Send the seed's example edit with the bundled sample images and wait for the result:
+    prints the job's id, status, timeline, outputs and error (exit code 1 unless it
+    succeeded)."""
+    images = [SAMPLES / "dreamomni2-input-1.jpg", SAMPLES / "dreamomni2-input-2.jpg"]
+    with gateway(url, key) as client:
+        job = client.submit(images, SEED_PROMPT, steps=25, scale=3.5)
+        click.echo(f"submitted {job.id}", err=True)
+        job = follow(client, job.id, timeout)
+        if job.succeeded and out is not None:
+            for path in client.download_all(job, out):
+                click.echo(str(path), err=True)
+    keep = ("id", "status", "started_at", "completed_at", "metrics", "timeline", "outputs", "error")
+    click.echo(json.dumps({k: job.raw.get(k) for k in keep}, indent=2))
+    if not job.succeeded:
+        sys.exit(1)
 
 
 @main.command()
@@ -603,6 +581,13 @@ def _finish(job: Job) -> None:
 @click.option("--no-wait", is_flag=True, help="Print the job's id and return at once.")
 @click.option("--timeout", type=float, default=900.0, show_default=True, help="Seconds to wait.")
 @click.option("--idempotency-key", default=None, help="Send again safely: same key, same job.")
+@click.option(
+    "--priority", type=click.Choice(["low", "normal", "high"]), default=None, help="[normal]"
+)
+@click.option("--webhook-url", default=None, help="Receives the job's signed events.")
+@click.option(
+    "--cancel-after", default=None, help="Cancel the job if not done by then (30s, 5m, 1h30m)."
+)
 @gateway_options
 def edit(
     images: tuple[str, ...],
@@ -613,6 +598,9 @@ def edit(
     no_wait: bool,
     timeout: float,
     idempotency_key: str | None,
+    priority: Literal["low", "normal", "high"] | None,
+    webhook_url: str | None,
+    cancel_after: str | None,
     url: str,
     key: str | None,
 ) -> None:
@@ -621,14 +609,21 @@ def edit(
     prints their paths. Exit code 0 when it succeeded, 1 when it failed or was canceled."""
     with gateway(url, key) as client:
         job = client.submit(
-            list(images), prompt, steps=steps, scale=scale, idempotency_key=idempotency_key
+            list(images),
+            prompt,
+            steps=steps,
+            scale=scale,
+            idempotency_key=idempotency_key,
+            priority=priority,
+            webhook_url=webhook_url,
+            cancel_after=cancel_after,
         )
         if no_wait:
-            click.echo(job["id"])
+            click.echo(job.id)
             return
-        job = follow(client, job["id"], timeout)
-        if job["status"] == "succeeded":
-            for path in client.save_outputs(job, out):
+        job = follow(client, job.id, timeout)
+        if job.succeeded:
+            for path in client.download_all(job, out):
                 click.echo(str(path))
     _finish(job)
 
@@ -643,12 +638,13 @@ def jobs() -> None:
 @click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the page as JSON.")
 @gateway_options
-def jobs_list(status: str | None, limit: int, as_json: bool, url: str, key: str | None) -> None:
+def jobs_list(status: Any, limit: int, as_json: bool, url: str, key: str | None) -> None:
     """Your newest jobs first."""
     with gateway(url, key) as client:
         page = client.list(status=status, limit=limit)
     if as_json:
-        click.echo(json.dumps(page, indent=2))
+        raw = {"data": [j.raw for j in page.data], "next_cursor": page.next_cursor}
+        click.echo(json.dumps(raw, indent=2))
         return
     table = Table(box=box.SIMPLE_HEAD)
     table.add_column("id", no_wrap=True, min_width=36)
@@ -657,23 +653,22 @@ def jobs_list(status: str | None, limit: int, as_json: bool, url: str, key: str 
     table.add_column("created", no_wrap=True)
     table.add_column("outputs", justify="right")
     table.add_column("prompt", overflow="ellipsis", max_width=50)
-    for j in page["data"]:
-        created = _when(j.get("created_at"))
+    for j in page.data:
         table.add_row(
-            str(j["id"]),
-            _styled(j["status"]),
-            (j.get("wiro") or {}).get("status") or "",
-            created.astimezone().strftime("%Y-%m-%d %H:%M:%S") if created else "",
-            str(len(j.get("outputs") or [])),
-            j.get("prompt") or "",
+            j.id,
+            _styled(j.status),
+            j.wiro.status or "",
+            j.created_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            str(len(j.outputs)),
+            j.prompt,
         )
     con = _out_console()
-    if not page["data"]:
+    if not page.data:
         con.print("no jobs")
         return
     con.print(table)
-    if page.get("next_cursor"):
-        con.print(f"more: older jobs follow (cursor {page['next_cursor']})", style="dim")
+    if page.next_cursor:
+        con.print(f"more: older jobs follow (cursor {page.next_cursor})", style="dim")
 
 
 @jobs.command("show")
@@ -685,58 +680,69 @@ def jobs_show(job_id: str, as_json: bool, url: str, key: str | None) -> None:
     with gateway(url, key) as client:
         job = client.get(job_id)
     if as_json:
-        click.echo(json.dumps(job, indent=2))
+        click.echo(json.dumps(job.raw, indent=2))
         return
     con = _out_console()
-    wiro = job.get("wiro") or {}
-    con.print(
-        Text.assemble(("job ", "bold"), (str(job["id"]), "bold"), "  ", _styled(job["status"]))
-    )
+    con.print(Text.assemble(("job ", "bold"), (job.id, "bold"), "  ", _styled(job.status)))
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="dim")
     facts.add_column()
-    facts.add_row("prompt", Text(str(job.get("prompt"))))
-    facts.add_row("steps/scale", f"{job.get('steps')} / {job.get('scale')}")
-    facts.add_row("created", str(job.get("created_at")))
-    if job.get("finished_at"):
-        facts.add_row("finished", str(job["finished_at"]))
+    facts.add_row("prompt", Text(job.prompt))
+    facts.add_row("steps/scale", f"{job.steps} / {job.scale}")
+    facts.add_row("created", str(job.created_at))
+    if job.started_at:
+        facts.add_row("started", str(job.started_at))
+    if job.completed_at:
+        facts.add_row("completed", str(job.completed_at))
+    wiro = job.wiro
     facts.add_row(
         "wiro",
-        f"task {wiro.get('taskid') or '-'}  status {wiro.get('status') or '-'}"
-        + (f"  cost {wiro['cost']}" if wiro.get("cost") else ""),
+        f"task {wiro.taskid or '-'}  status {wiro.status or '-'}"
+        + (f"  cost {wiro.cost}" if wiro.cost else ""),
     )
-    if job.get("cancel_requested"):
+    m = job.metrics
+    spans = [
+        (n, v)
+        for n, v in (
+            ("queue", m.queue_s),
+            ("wiro", m.wiro_s),
+            ("finalize", m.finalize_s),
+            ("total", m.total_s),
+        )
+        if v is not None
+    ]
+    if spans:
+        facts.add_row("metrics", "  ".join(f"{n} {v:.2f}s" for n, v in spans))
+    if job.cancel_requested:
         facts.add_row("cancel", "requested")
-    if job.get("error"):
-        facts.add_row("error", Text(f"{job['error']['message']} ({job['error']['code']})", "red"))
+    if job.error:
+        facts.add_row("error", Text(f"{job.error.message} ({job.error.code})", "red"))
     con.print(facts)
-    if job.get("timeline"):
+    if job.timeline:
         timeline = Table(title="timeline", title_justify="left", box=box.SIMPLE_HEAD)
         for col in ("at", "", "event"):
             timeline.add_column(col, no_wrap=True)
         timeline.add_column("detail", overflow="fold")
-        for e in job["timeline"]:
+        for e in job.timeline:
             what = (
-                Text.assemble(e.get("from") or "∅", " → ", _styled(e.get("to") or "?"))
-                if e.get("kind") == "transition"
-                else Text(str(e.get("kind")))
+                Text.assemble(e.from_status or "∅", " → ", _styled(e.to_status or "?"))
+                if e.kind == "transition"
+                else Text(e.kind)
             )
-            detail = json.dumps(e.get("detail") or {}, separators=(",", ":"))
+            detail = json.dumps(e.detail, separators=(",", ":"))
             timeline.add_row(
-                str(e.get("at")),
-                _seconds(job.get("created_at"), e.get("at")),
+                str(e.at),
+                _seconds(job.created_at, e.at),
                 what,
                 Text(detail if detail != "{}" else "", style="dim"),
             )
         con.print(timeline)
-    if job.get("outputs"):
+    if job.outputs:
         outputs = Table(title="outputs", title_justify="left", box=box.SIMPLE_HEAD)
         for col in ("n", "file", "type", "bytes", "sha256"):
             outputs.add_column(col, no_wrap=True)
-        for o in job["outputs"]:
-            outputs.add_row(
-                str(o["position"]), o["filename"], o["content_type"], str(o["size"]), o["sha256"]
-            )
+        for o in job.outputs:
+            outputs.add_row(str(o.position), o.filename, o.content_type, str(o.size), o.sha256)
         con.print(outputs)
 
 
@@ -747,10 +753,10 @@ def jobs_cancel(job_id: str, url: str, key: str | None) -> None:
     """Cancel a job (at once when Wiro does not have it yet, else asked of Wiro)."""
     with gateway(url, key) as client:
         job = client.cancel(job_id)
-    if job["status"] == "canceled":
-        click.echo(f"job {job['id']} canceled")
+    if job.status == "canceled":
+        click.echo(f"job {job.id} canceled")
     else:
-        click.echo(f"job {job['id']}: cancel requested (still {job['status']}, Wiro confirms)")
+        click.echo(f"job {job.id}: cancel requested (still {job.status}, Wiro confirms)")
 
 
 @jobs.command("wait")
@@ -770,10 +776,10 @@ def jobs_wait(
     canceled, 2 on an error (such as --timeout running out)."""
     with gateway(url, key) as client:
         job = follow(client, job_id, timeout)
-        if job["status"] == "succeeded" and out is not None:
-            for path in client.save_outputs(job, out):
+        if job.succeeded and out is not None:
+            for path in client.download_all(job, out):
                 click.echo(str(path))
-    click.echo(f"job {job['id']} {job['status']}")
+    click.echo(f"job {job.id} {job.status}")
     _finish(job)
 
 

@@ -8,6 +8,7 @@ import httpx
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import __version__
 from service.db import make_engine, make_sessionmaker
 from service.queue import TaskQueue, make_celery
 from service.ratelimit import SubmitRateLimiter
@@ -62,6 +63,6 @@ def build_services(settings: Settings, *, pool_size: int = 5) -> Services:
         http=httpx.Client(
             timeout=httpx.Timeout(settings.output_read_timeout_s, connect=10.0),
             follow_redirects=True,
-            headers={"user-agent": "dreamgate/0.1"},
+            headers={"user-agent": f"dreamgate/{__version__}"},
         ),
     )

@@ -311,7 +311,9 @@ def _as_committed(
     set_committed_value(job, "inputs", rows)
     set_committed_value(job, "outputs", [])
     set_committed_value(job, "events", [event])
-    return job_out(job, svc.storage, svc.settings.presign_ttl_s, full=True)
+    return job_out(
+        job, svc.storage, svc.settings.presign_ttl_s, full=True, base_url=svc.settings.public_url
+    )
 
 
 def check_webhook_url(svc: Services, url: str) -> None:

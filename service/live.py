@@ -216,15 +216,18 @@ MAX_WAIT_S = 60
 def prefer_wait(values: list[str]) -> int | None:
     """The ``wait`` preference of ``Prefer`` headers (RFC 7240), in whole seconds.
 
-    ``wait=N`` with N from 1 up; more than 60 counts as 60. Anything malformed, zero or
-    negative is ignored (None), as RFC 7240 asks of preferences a server cannot honour.
+    ``wait=N`` with N from 1 up; more than 60 counts as 60; a bare ``wait`` is 60, as
+    Replicate's. Anything malformed, zero or negative is ignored (None), as RFC 7240 asks
+    of preferences a server cannot honour.
     """
     for header in values:
         for pref in header.split(","):
             token = pref.split(";", 1)[0].strip()
             name, sep, value = token.partition("=")
-            if name.strip().lower() != "wait" or not sep:
+            if name.strip().lower() != "wait":
                 continue
+            if not sep:
+                return MAX_WAIT_S
             value = value.strip().strip('"').strip()
             if not value.isascii() or not value.isdigit():
                 return None

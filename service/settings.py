@@ -9,9 +9,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """The service's configuration; each field is the env var of the same name, upper-cased."""
+    """The service's configuration; each field is the env var of the same name, upper-cased.
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+    Also read from a ``.env`` file in the working directory (``.env.example`` lists every
+    variable); a variable set in the environment wins over the file.
+    """
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
 
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/dreamgate"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -48,7 +54,7 @@ class Settings(BaseSettings):
     wiro_max_in_flight: int = Field(8, ge=1)
     wiro_admission_increase_after: int = Field(10, ge=1)
     wiro_admission_probe_after: int = Field(500, ge=1)
-    # -- Wiro's tasks: deadlines and stopping (docs/decisions/0013) --
+    # -- Wiro's tasks: deadlines and stopping (docs/decisions/0014) --
     # A task at Wiro longer than this (from its Run) is stopped there and the job fails
     # ``wiro_task_timeout``; its admission slot is freed at once.
     wiro_task_timeout_s: float = Field(1800.0, gt=0)

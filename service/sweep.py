@@ -2,7 +2,7 @@
 
 It also ends jobs past their deadline (Cancel-After, WIRO_TASK_TIMEOUT_S), keeps stopping
 tasks at Wiro until Wiro confirms, and runs an admission pass (service/admission.py). Every
-one of these is found through an index, never by a timer per job (docs/decisions/0013)."""
+one of these is found through an index, never by a timer per job (docs/decisions/0014)."""
 
 from __future__ import annotations
 

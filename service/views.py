@@ -7,13 +7,17 @@ workers never import the web layer; ``service.api.schemas`` re-exports it.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
 
 from service.jobs import PRIORITY_NAMES
-from service.models import Job, JobStatus
+from service.models import Job, JobEvent, JobStatus
 from service.storage import Storage
 
 
@@ -76,8 +80,183 @@ class ErrorOut(BaseModel):
     message: str
 
 
+class JobMetrics(BaseModel):
+    """Seconds spent in each stretch of the job's current attempt, from its timeline (each
+    null until that stretch is over)."""
+
+    queue_s: float | None = Field(
+        None, description="From submission until Wiro accepted the Run (`started_at`)."
+    )
+    wiro_s: float | None = Field(
+        None, description="At Wiro: from `started_at` until its task ended."
+    )
+    finalize_s: float | None = Field(None, description="Copying the outputs into S3.")
+    total_s: float | None = Field(None, description="From submission to `completed_at`.")
+
+
+class JobUrls(BaseModel):
+    """The job's own links, on the gateway's PUBLIC_URL."""
+
+    get: str = Field(description="`GET`: the job (with `Prefer: wait` to wait for its end).")
+    cancel: str = Field(description="`POST`: cancel the job.")
+    stream: str = Field(description="`GET`: its events as Server-Sent Events.")
+
+
+@dataclass(frozen=True)
+class Milestones:
+    """When the job's current attempt reached Wiro, left it, finished its copy, ended."""
+
+    started_at: datetime | None = None
+    wiro_ended_at: datetime | None = None
+    finalizing_at: datetime | None = None
+    finalized_at: datetime | None = None
+    completed_at: datetime | None = None
+
+
+_ENDS = tuple(s.value for s in JobStatus if s.terminal)
+# The transitions that milestones need (an admin's retry, failed -> queued, starts afresh).
+MILESTONE_FILTER = or_(
+    JobEvent.to_status.in_((JobStatus.running.value, JobStatus.queued.value, *_ENDS)),
+    JobEvent.from_status.in_((JobStatus.running.value, JobStatus.finalizing.value)),
+)
+
+
+def milestones(transitions: Iterable[tuple[str | None, str | None, datetime]]) -> Milestones:
+    """The current attempt's milestones from its transitions ``(from, to, at)``, in order."""
+    started = ended = finalizing = finalized = completed = None
+    for from_status, to_status, at in transitions:
+        if to_status == JobStatus.queued and from_status in _ENDS:
+            started = ended = finalizing = finalized = completed = None  # a retry
+            continue
+        if to_status == JobStatus.running:
+            started, ended, finalizing, finalized = at, None, None, None
+        elif from_status == JobStatus.running:
+            ended = at
+            if to_status == JobStatus.finalizing:
+                finalizing = at
+        elif from_status == JobStatus.finalizing:
+            finalized = at
+        if to_status in _ENDS:
+            completed = at
+    return Milestones(started, ended, finalizing, finalized, completed)
+
+
+def milestones_for(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Milestones]:
+    """The milestones of many jobs in one query (listings load no timelines)."""
+    by_job: dict[uuid.UUID, list[tuple[str | None, str | None, datetime]]] = {}
+    if job_ids:
+        rows = session.execute(
+            select(JobEvent.job_id, JobEvent.from_status, JobEvent.to_status, JobEvent.at)
+            .where(
+                JobEvent.job_id.in_(job_ids),
+                JobEvent.kind == "transition",
+                MILESTONE_FILTER,
+            )
+            .order_by(JobEvent.id)
+        )
+        for job_id, from_status, to_status, at in rows:
+            by_job.setdefault(job_id, []).append((from_status, to_status, at))
+    return {job_id: milestones(by_job.get(job_id, ())) for job_id in job_ids}
+
+
+def _span(start: datetime | None, end: datetime | None) -> float | None:
+    return round((end - start).total_seconds(), 3) if start and end else None
+
+
+def job_metrics(job: Job, m: Milestones) -> JobMetrics:
+    """The job's stretches in seconds."""
+    return JobMetrics(
+        queue_s=_span(job.created_at, m.started_at),
+        wiro_s=_span(m.started_at, m.wiro_ended_at),
+        finalize_s=_span(m.finalizing_at, m.finalized_at),
+        total_s=_span(job.created_at, _completed(job, m)),
+    )
+
+
+def _completed(job: Job, m: Milestones) -> datetime | None:
+    """The terminal transition's time (``finished_at`` is its transaction's start)."""
+    if not JobStatus(job.status).terminal:
+        return None
+    return m.completed_at or job.finished_at
+
+
+def job_urls(job_id: uuid.UUID, base_url: str) -> JobUrls:
+    """The job's links under ``base_url`` (PUBLIC_URL)."""
+    here = f"{base_url.rstrip('/')}/v1/jobs/{job_id}"
+    return JobUrls(get=here, cancel=f"{here}/cancel", stream=f"{here}/events")
+
+
+_ID = "0b9f2c5e-8c1d-4f0a-9a57-3f1e2d4c5b6a"
+_HERE = f"https://dreamgate.example.com/v1/jobs/{_ID}"
+JOB_EXAMPLE: dict[str, Any] = {
+    "id": _ID,
+    "status": "succeeded",
+    "prompt": "Replace the suit in the first image with the clothes in the second image.",
+    "steps": 25,
+    "scale": 3.5,
+    "webhook_url": "https://my-app.example.com/hooks/dreamgate",
+    "webhook_events": None,
+    "metadata": {"order": "1234"},
+    "priority": "normal",
+    "wiro": {"taskid": "534579", "status": "task_postprocess_end", "cost": "0.0125"},
+    "inputs": [
+        {
+            "position": 0,
+            "kind": "file",
+            "s3_key": f"inputs/{_ID}/0-person.jpg",
+            "filename": "person.jpg",
+            "content_type": "image/jpeg",
+            "size": 10233,
+            "sha256": "5d41402abc4b2a76b9719d911017c592ae3f1b8f6a2e5c3d7b1e0f9a8c7d6e5f",
+        },
+        {"position": 1, "kind": "url", "url": "https://example.com/jacket.jpg"},
+    ],
+    "outputs": [
+        {
+            "position": 0,
+            "s3_key": f"outputs/{_ID}/0-output.png",
+            "filename": "output.png",
+            "content_type": "image/png",
+            "size": 48213,
+            "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            "url": f"https://s3.example.com/dreamgate/outputs/{_ID}/0-output.png?X-Amz-Signature=…",
+            "href": f"/v1/jobs/{_ID}/outputs/0",
+        }
+    ],
+    "error": None,
+    "timeline": [
+        {
+            "id": 1,
+            "at": "2026-11-26T12:00:00.000Z",
+            "kind": "transition",
+            "from": None,
+            "to": "queued",
+            "detail": {},
+        },
+        {
+            "id": 5,
+            "at": "2026-11-26T12:00:14.120Z",
+            "kind": "transition",
+            "from": "finalizing",
+            "to": "succeeded",
+            "detail": {"outputs": 1},
+        },
+    ],
+    "cancel_requested": False,
+    "created_at": "2026-11-26T12:00:00.000Z",
+    "updated_at": "2026-11-26T12:00:14.120Z",
+    "started_at": "2026-11-26T12:00:00.410Z",
+    "completed_at": "2026-11-26T12:00:14.120Z",
+    "finished_at": "2026-11-26T12:00:14.120Z",
+    "metrics": {"queue_s": 0.41, "wiro_s": 13.2, "finalize_s": 0.51, "total_s": 14.12},
+    "urls": {"get": _HERE, "cancel": f"{_HERE}/cancel", "stream": f"{_HERE}/events"},
+}
+
+
 class JobOut(BaseModel):
     """A job as the API shows it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
 
     id: uuid.UUID
     status: JobStatus
@@ -116,7 +295,19 @@ class JobOut(BaseModel):
     )
     created_at: datetime
     updated_at: datetime
-    finished_at: datetime | None
+    started_at: datetime | None = Field(
+        description="When Wiro accepted the Run (the current attempt's; null before)."
+    )
+    completed_at: datetime | None = Field(
+        description="When the job reached succeeded, failed or canceled (its timeline's "
+        "terminal event)."
+    )
+    finished_at: datetime | None = Field(
+        description="When the transaction that ended the job began (a moment before "
+        "`completed_at`; kept for older clients)."
+    )
+    metrics: JobMetrics
+    urls: JobUrls
 
 
 def _cancel_outcome(job: Job) -> Literal["pending", "canceled", "finished_first"] | None:
@@ -129,8 +320,25 @@ def _cancel_outcome(job: Job) -> Literal["pending", "canceled", "finished_first"
     return "pending"
 
 
-def job_out(job: Job, storage: Storage, ttl_s: int, *, full: bool) -> JobOut:
-    """Render a job; ``full`` adds inputs and the timeline (loaded by the caller)."""
+def job_out(
+    job: Job,
+    storage: Storage,
+    ttl_s: int,
+    *,
+    full: bool,
+    base_url: str,
+    marks: Milestones | None = None,
+) -> JobOut:
+    """Render a job; ``full`` adds inputs and the timeline (loaded by the caller), from
+    which the milestones come unless ``marks`` gives them (``milestones_for``)."""
+    if marks is None:
+        marks = (
+            milestones(
+                (e.from_status, e.to_status, e.at) for e in job.events if e.kind == "transition"
+            )
+            if full
+            else Milestones()
+        )
     return JobOut(
         id=job.id,
         status=JobStatus(job.status),
@@ -182,5 +390,9 @@ def job_out(job: Job, storage: Storage, ttl_s: int, *, full: bool) -> JobOut:
         deadline_at=job.deadline_at,
         created_at=job.created_at,
         updated_at=job.updated_at,
+        started_at=marks.started_at,
+        completed_at=_completed(job, marks),
         finished_at=job.finished_at,
+        metrics=job_metrics(job, marks),
+        urls=job_urls(job.id, base_url),
     )

@@ -40,7 +40,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
-from service import jobs, metrics, ssrf
+from service import __version__, jobs, metrics, ssrf
 from service.container import Services
 from service.db import transaction
 from service.models import ApiKey, Job, JobEvent, JobStatus, WebhookDelivery, WebhookMessage
@@ -61,7 +61,7 @@ RETRY_AFTER_CAP_S = 24 * 3600.0
 EXCERPT_BYTES = 1024
 # How long a claimed attempt may take before the sweep may start it again.
 LEASE_MARGIN_S = 60.0
-USER_AGENT = "dreamgate-webhooks/0.1"
+USER_AGENT = f"dreamgate-webhooks/{__version__}"
 
 
 # -- dispatch ----------------------------------------------------------------------------
@@ -124,7 +124,9 @@ def dispatch(svc: Services, job_event_id: int) -> uuid.UUID | None:
 
 def render_body(svc: Services, job: Job, event_type: str, at: datetime) -> str:
     """The JSON body: event type, the event's time, and the job as GET /v1/jobs/{id} shows it."""
-    data = job_out(job, svc.storage, svc.settings.presign_ttl_s, full=True)
+    data = job_out(
+        job, svc.storage, svc.settings.presign_ttl_s, full=True, base_url=svc.settings.public_url
+    )
     payload = {
         "type": event_type,
         "timestamp": at.astimezone(UTC).isoformat(),

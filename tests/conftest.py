@@ -8,12 +8,15 @@ beat and the Wiro simulator run as real subprocesses, all on 127.0.0.1.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +225,26 @@ def clean(engine: Engine, sim: httpx.Client) -> Iterator[None]:
     sim.post("/_sim/reset").raise_for_status()
     sim.put("/_sim/config", json={"task_duration_s": 0.5}).raise_for_status()
     yield
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def sample_urls() -> Iterator[list[str]]:
+    """The two sample images over HTTP on 127.0.0.1, for submits by URL (the simulator
+    fetches URL inputs)."""
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietFiles, directory=str(SAMPLES))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    yield [f"{base}/dreamomni2-input-1.jpg", f"{base}/dreamomni2-input-2.jpg"]
+    server.shutdown()
+    server.server_close()
 
 
 def sample(n: int) -> Path:

@@ -8,13 +8,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from service.auth import IssuedKey
-from service.client import Client, GatewayError
 from service.embedded import free_port
 from service.stack import Stack
 from tests.conftest import ROOT, sample, wait_status
@@ -197,66 +195,3 @@ def test_an_unreachable_gateway_is_one_line(tmp_path: Path) -> None:
 def test_a_missing_image_file_is_one_line(tmp_path: Path) -> None:
     r = run_cli("edit", str(tmp_path / "nope.jpg"), "-p", "x", url="http://127.0.0.1:9", key="k")
     assert "nope.jpg" in one_line_error(r, "bad_image")
-
-
-def test_submit_keeps_the_order_of_files_and_urls(tmp_path: Path) -> None:
-    seen: dict[str, Any] = {}
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen["headers"] = request.headers
-        seen["body"] = request.read()
-        return httpx.Response(202, json={"id": "j", "status": "queued"})
-
-    (tmp_path / "b.png").write_bytes(b"png")
-    with Client("http://gw", "dg_k", transport=httpx.MockTransport(handler)) as client:
-        client.submit(
-            ["https://example.com/a.jpg", tmp_path / "b.png", "http://example.com/c.jpg"],
-            "p",
-            steps=3,
-            idempotency_key="k1",
-        )
-    body: bytes = seen["body"]
-    order = [
-        body.index(s)
-        for s in (b"https://example.com/a.jpg", b'filename="b.png"', b"http://example.com/c.jpg")
-    ]
-    assert order == sorted(order)
-    assert seen["headers"]["authorization"] == "Bearer dg_k"
-    assert seen["headers"]["idempotency-key"] == "k1"
-    assert b'name="steps"' in body and b'name="scale"' not in body
-
-
-def test_wait_polls_a_gateway_that_ignores_prefer_wait() -> None:
-    states = iter(["queued", "submitting", "running", "running", "finalizing", "succeeded"])
-    prefer: list[str | None] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        prefer.append(request.headers.get("prefer"))
-        return httpx.Response(200, json={"id": "j", "status": next(states), "wiro": {}})
-
-    seen: list[str] = []
-    with Client("http://gw", "k", transport=httpx.MockTransport(handler)) as client:
-        job = client.wait("j", on_update=lambda j: seen.append(j["status"]), poll_interval=0.01)
-    assert job["status"] == "succeeded"
-    assert seen[-1] == "succeeded" and len(seen) == 6
-    assert prefer[0] is None and all(p and p.startswith("wait=") for p in prefer[1:])
-
-
-def test_problem_documents_become_gateway_errors() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(
-            409,
-            json={"code": "job_not_cancelable", "detail": "job j is succeeded"},
-            headers={"content-type": "application/problem+json"},
-        )
-
-    with (
-        Client("http://gw", "k", transport=httpx.MockTransport(handler)) as client,
-        pytest.raises(GatewayError) as info,
-    ):
-        client.cancel("j")
-    assert (info.value.code, info.value.detail, info.value.status) == (
-        "job_not_cancelable",
-        "job j is succeeded",
-        409,
-    )

@@ -108,10 +108,22 @@ def test_prefer_wait_is_clamped_and_malformed_ones_are_ignored(
 
     clamped = api.get(f"/v1/jobs/{job_id}", headers={"Prefer": "respond-async, wait=600"})
     assert clamped.headers["preference-applied"] == "wait=60"
-    for bad in ("wait=soon", "wait=0", "wait=-3", "wait"):
+    for bad in ("wait=soon", "wait=0", "wait=-3", "wait="):
         r = api.get(f"/v1/jobs/{job_id}", headers={"Prefer": bad})
         assert r.status_code == 200
         assert "preference-applied" not in r.headers
+
+
+def test_a_bare_prefer_wait_waits_up_to_60_seconds_as_replicate(
+    api: httpx.Client, sim: httpx.Client
+) -> None:
+    sim.put("/_sim/config", json={"task_duration_s": 1}).raise_for_status()
+    job_id = submit(api).json()["id"]
+
+    r = api.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait"}, timeout=90)
+
+    assert r.headers["preference-applied"] == "wait=60"
+    assert r.json()["status"] == "succeeded", r.json()["error"]
 
 
 def test_prefer_wait_on_post_answers_the_finished_job(api: httpx.Client, sim: httpx.Client) -> None:

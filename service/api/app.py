@@ -12,11 +12,11 @@ from types import FrameType
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from service import tracing
-from service.api import errors
+from service import __version__, tracing
+from service.api import errors, openapi
 from service.api.context import RequestContext
 from service.api.limits import BodyLimit
-from service.api.routers import admin, events, health, jobs, metrics, wiro_callback
+from service.api.routers import admin, events, health, jobs, keys, metrics, wiro_callback
 from service.container import Services, build_services
 from service.live import JobEvents, listen_dsn
 from service.logs import configure_logging
@@ -95,20 +95,24 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     app = FastAPIOffline(  # Swagger UI and ReDoc served from the wheel: no CDN
         title="dreamgate",
-        version="0.1.0",
+        version=__version__,
         summary="A reliable REST gateway for Wiro's DreamOmni2 image editing",
         description=DESCRIPTION,
         lifespan=lifespan,
+        generate_unique_id_function=openapi.operation_id,
     )
     errors.install(app)
     app.include_router(jobs.router)
     app.include_router(events.router)
-    app.include_router(wiro_callback.router)
-    app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(keys.router)
     app.include_router(admin.page)
-    app.include_router(metrics.router)
+    # Internal routes stay out of the published document (client generators, fuzzing).
+    app.include_router(wiro_callback.router, include_in_schema=False)
+    app.include_router(health.router, include_in_schema=False)
+    app.include_router(metrics.router, include_in_schema=False)
     errors.document_problems(app)
+    openapi.publish(app)
     app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
     app.add_middleware(RequestContext)  # outermost: every line of the request has its id
     if provider is not None:

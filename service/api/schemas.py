@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
+from service.views import JOB_EXAMPLE
+
 # The job as shown lives in service.views (workers render it for webhooks too).
 from service.views import ErrorOut as ErrorOut
 from service.views import EventOut as EventOut
@@ -71,7 +73,18 @@ class JobCreate(EditParams):
 
 
 class JobPage(BaseModel):
-    """A page of jobs, newest first."""
+    """A page of jobs, newest first (without inputs and timeline)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "data": [{**JOB_EXAMPLE, "inputs": None, "timeline": None}],
+                    "next_cursor": "MjAyNi0xMS0yNlQxMjowMDowMFp8MGI5ZjJjNWU",
+                }
+            ]
+        }
+    )
 
     data: list[JobOut]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")

@@ -20,7 +20,12 @@ from service.container import Services
 from service.db import transaction
 from service.models import Job, JobStatus, WebhookMessage
 
-router = APIRouter(prefix="/v1/admin", tags=["ops"], responses=responses(403))
+router = APIRouter(
+    prefix="/v1/admin",
+    tags=["ops"],
+    responses=responses(403),
+    generate_unique_id_function=lambda route: f"admin_{route.name}",
+)
 # The dashboard: a static page (no data in it) that asks for an admin key and reads the
 # routes above with it. It is outside /v1 and out of the OpenAPI document.
 page = APIRouter(include_in_schema=False)

@@ -117,6 +117,7 @@ async def _follow(
 
 @router.get(
     "/{job_id}/events",
+    operation_id="stream_job_events",
     summary="Follow a job's events (Server-Sent Events)",
     description=STREAM_DESCRIPTION,
     response_class=EventSourceResponse,

@@ -31,6 +31,7 @@ from service.auth import Principal
 from service.container import Services
 from service.db import transaction
 from service.models import Job, JobOutput, JobStatus
+from service.views import milestones_for
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -65,7 +66,13 @@ def _load(svc: Services, job_id: uuid.UUID, who: Principal) -> JobOut:
         # Another owner's job is as absent as a missing one: no 403 that confirms it exists.
         if job is None or (job.owner != who.owner and not who.is_admin):
             raise ProblemError(404, "job_not_found", f"no job {job_id}")
-        out = job_out(job, svc.storage, svc.settings.presign_ttl_s, full=True)
+        out = job_out(
+            job,
+            svc.storage,
+            svc.settings.presign_ttl_s,
+            full=True,
+            base_url=svc.settings.public_url,
+        )
         if out.status is JobStatus.queued:
             estimate = admission.queue_estimate(s, job, cap=svc.settings.wiro_max_in_flight)
             out.queue_position = estimate.position
@@ -75,18 +82,17 @@ def _load(svc: Services, job_id: uuid.UUID, who: Principal) -> JobOut:
 
 PREFER_HEADER = Header(
     description=(
-        "RFC 7240. `wait=N` (1-60 s; more counts as 60) holds the answer until the job "
-        "reaches a terminal state or N seconds pass, then answers with the job as it is. "
-        "The answer then carries `Preference-Applied: wait=N`."
+        "RFC 7240. `wait=N` (1-60 s; more counts as 60; a bare `wait` is 60, as Replicate's) "
+        "holds the answer until the job reaches a terminal state or N seconds pass, then "
+        "answers with the job as it is. The answer then carries `Preference-Applied: wait=N`."
     ),
     examples=["wait=30"],
 )
-PREFERENCE_APPLIED = {
-    "Preference-Applied": {
-        "description": "`wait=N` when a `Prefer: wait=N` was honoured.",
-        "schema": {"type": "string"},
-    }
-}
+
+
+def _headers(*names: str) -> dict[str, Any]:
+    """References to the response headers declared once in service/api/openapi.py."""
+    return {n: {"$ref": f"#/components/headers/{n}"} for n in names}
 
 
 def _status(svc: Services, job_id: uuid.UUID) -> JobStatus | None:
@@ -229,7 +235,10 @@ async def _within_rate(svc: Services, who: Principal) -> None:
         "with a submit rate gets 429 with `Retry-After` past it."
     ),
     responses={
-        202: {"description": "Accepted", "headers": PREFERENCE_APPLIED},
+        202: {
+            "description": "Accepted",
+            "headers": _headers("Location", "Idempotent-Replayed", "Preference-Applied"),
+        },
         **responses(400, 401, 413, 415, 422, 429, 503),
     },
     openapi_extra={
@@ -345,7 +354,7 @@ async def create_job(
         "job is terminal, then the job is answered as it is."
     ),
     responses={
-        200: {"description": "The job", "headers": PREFERENCE_APPLIED},
+        200: {"description": "The job", "headers": _headers("Preference-Applied")},
         **responses(401, 404, 422),
     },
 )
@@ -384,7 +393,18 @@ def list_jobs(
             )
         except ValueError as exc:
             raise ProblemError(422, "invalid_cursor", str(exc)) from exc
-        data = [job_out(j, svc.storage, svc.settings.presign_ttl_s, full=False) for j in rows]
+        marks = milestones_for(s, [j.id for j in rows])
+        data = [
+            job_out(
+                j,
+                svc.storage,
+                svc.settings.presign_ttl_s,
+                full=False,
+                base_url=svc.settings.public_url,
+                marks=marks[j.id],
+            )
+            for j in rows
+        ]
     return JobPage(data=data, next_cursor=next_cursor)
 
 
