@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Every install is pinned by constraints.txt (`make lock` rewrites it), build backend too.
 PIN    := PIP_CONSTRAINT=$(CURDIR)/constraints.txt
 
-.PHONY: install lock run test test-fast lint format openapi migrate bench bench-admission soak smoke-wiro k8s clean
+.PHONY: install chromium lock run test test-fast test-rabbitmq test-cluster lint format openapi migrate bench bench-admission soak smoke-wiro k8s clean
 
 install: $(STAMP)
 
@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PIN) $(PY) -m pip install --quiet --upgrade pip
 	$(PIN) $(PY) -m pip install --quiet -e '.[embedded,dev]'
 	touch $(STAMP)
+
+## Debian's chromium and chromium-driver for the browser tests (test_docs_ui, test_ops_ui):
+## installed when missing and we are root (CI); otherwise those tests skip and say why.
+chromium:
+	@command -v chromedriver >/dev/null && command -v chromium >/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+	  || echo "note: no chromium/chromium-driver (apt-get install chromium chromium-driver as root); browser tests will skip"
 
 ## Resolve every dependency afresh (server, extras, client, build backend) into constraints.txt.
 lock:
@@ -32,8 +39,20 @@ run: install
 	$(VENV)/bin/dreamgate dev
 
 ## The test suite: unit, integration and end-to-end on real servers.
-test: install
+test: install chromium
 	$(PY) -m pytest
+
+## The end-to-end subset again on RabbitMQ (a vhost of its own on 127.0.0.1:5672): jobs end
+## to end, webhooks, admission, cancels, the queues and their separation, metrics.
+RABBITMQ_TESTS := tests/test_queues.py tests/test_e2e_jobs.py tests/test_webhooks.py tests/test_admission.py tests/test_metrics.py
+test-rabbitmq: install
+	TEST_BROKER=rabbitmq $(PY) -m pytest $(RABBITMQ_TESTS)
+
+## Several hosts in network namespaces (root): 200 jobs on RabbitMQ through PgBouncer while a
+## worker host is cut off, a gateway host killed, PgBouncer and the broker restarted; prints
+## its table (docs/SCALING.md). A 30-job version on Redis runs in make test.
+test-cluster: install
+	CLUSTER_FULL=1 $(PY) -m pytest tests/test_cluster.py -s
 
 ## Without the end-to-end tests.
 test-fast: install

@@ -7,7 +7,10 @@ benchmarks run with admission out of the way). Three parts, each reported as a r
   burst   app A submits a burst, then app B one job: B's wait from queued to admitted, and
           how many of A's jobs were admitted in between (goal: a few at most);
   refused Wiro's hidden limit 2 (code 96 above it), ours 3, task 0.05 s: refused Runs per
-          1,000 jobs (goal: under 5) and failed jobs (goal: 0).
+          1,000 jobs (goal: under 5) and failed jobs (goal: 0);
+  passes  a burst of 5,000 jobs committed at once, limit 50, task 0.3 s: admission passes
+          until every job was admitted (goal: <= 5,000 / limit) and the most messages ever
+          waiting on the broker (goal: about the limit, not one per job).
 No floor: these are counts, not speeds. ``python -m bench.admission`` runs it on a stack of
 its own (``make bench-admission``).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -82,6 +86,81 @@ def _with_limit(bench: Bench, limit: str) -> None:
     bench.stop_worker()
     bench.stack.env["WIRO_MAX_IN_FLIGHT"] = limit
     bench.start_worker()
+
+
+PASSES_LIMIT = 50
+
+
+def _admission_passes(bench: Bench) -> float:
+    """dreamgate_admission_passes_total over every worker (the gateway adds them up)."""
+    with bench.api() as api:
+        text = api.get("/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("dreamgate_admission_passes_total")
+    )
+
+
+def _broker_depth(bench: Bench) -> int:
+    import redis
+
+    from service.queue import QUEUES
+
+    conn = redis.Redis.from_url(bench.stack.env["REDIS_URL"])
+    return sum(int(conn.llen(name)) for name in [*QUEUES.values(), "dreamgate"])
+
+
+def _passes(bench: Bench, n: int) -> dict[str, Any]:
+    """A burst of ``n`` jobs committed in one transaction: passes and broker depth."""
+    from service import jobs
+    from service.uow import unit_of_work
+
+    _with_limit(bench, str(PASSES_LIMIT))
+    _reset(bench, task_duration_s=0.3)
+    url = f"http://127.0.0.1:{bench.sim_port}/samples/dreamomni2-input-1.jpg"
+    ids = [uuid.uuid4() for _ in range(n)]
+    before = _admission_passes(bench)
+    svc = bench.services()
+    t0 = time.monotonic()
+    with unit_of_work(svc) as s:
+        for job_id in ids:
+            jobs.create(
+                s,
+                job_id=job_id,
+                owner="bench-burst",
+                prompt="p",
+                steps=1,
+                scale=3.5,
+                webhook_url=None,
+                metadata={},
+                inputs=[jobs.NewInput(kind="url", url=url)],
+            )
+    deepest = 0
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        deepest = max(deepest, _broker_depth(bench))
+        left = bench.sql(
+            "SELECT count(*) FROM jobs WHERE owner = 'bench-burst' AND status = 'queued'"
+        )
+        if not left[0][0]:
+            break
+        time.sleep(0.05)
+    admitted_s = time.monotonic() - t0
+    svc.close()
+    passes = _admission_passes(bench) - before
+    status = bench.wait_terminal([str(i) for i in ids], timeout=600)
+    return {
+        "part": "passes",
+        "jobs": n,
+        "limit": PASSES_LIMIT,
+        "passes": int(passes),
+        "passes_goal": n // PASSES_LIMIT,
+        "jobs_per_pass": round(n / passes, 1) if passes else None,
+        "broker_depth_max": deepest,
+        "admitted_in_s": round(admitted_s, 1),
+        "succeeded": sum(1 for v in status.values() if v == "succeeded"),
+    }
 
 
 def run(bench: Bench, jobs: int | None = None) -> dict[str, Any]:
@@ -159,6 +238,7 @@ def run(bench: Bench, jobs: int | None = None) -> dict[str, Any]:
                 "seconds": round(time.monotonic() - t0, 1),
             }
         )
+        rows.append(_passes(bench, 500 if bench.quick else 5000))
     finally:
         bench.set_sim(max_concurrency=None, task_duration_s=0.0)
         _with_limit(bench, previous)

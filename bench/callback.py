@@ -6,14 +6,22 @@ succeeded (1 MB copy to S3), succeeded -> received (dispatch + deliver, two Cele
 Floor: the same essential work back to back in this process — GET the 1 MB output from
 the simulator, put it into S3 (the service's own copy_url), POST a webhook of the same body
 size to the same receiver.
+
+``BENCH_CALLBACK_BACKLOG=N`` measures the same while the submit path has a backlog: a
+thread keeps at least N submit messages waiting (for jobs that do not exist, so each costs
+a worker one guarded UPDATE) for the whole run. ``BENCH_CALLBACK_SPLIT=1`` runs the two
+worker processes per concern (``--queues callbacks,admission,webhooks`` and ``--queues
+submit``) instead of both reading every queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -66,6 +74,56 @@ class Receiver:
         self.server.server_close()
 
 
+class Backlog:
+    """Keeps at least ``depth`` submit messages waiting in the broker until stopped."""
+
+    # The single queue of before the split, and the submit queue of after it (Redis lists).
+    LISTS = ("dreamgate", "dreamgate.submit")
+
+    def __init__(self, bench: Bench, depth: int) -> None:
+        import redis
+
+        self.depth = depth
+        self.svc = bench.services()
+        self.redis = redis.Redis.from_url(bench.redis_url)
+        self.stop = threading.Event()
+        self.sent = 0
+        self.samples: list[int] = []
+        self.thread = threading.Thread(target=self._keep, daemon=True)
+
+    def waiting(self) -> int:
+        return sum(int(self.redis.llen(name)) for name in self.LISTS)
+
+    def _keep(self) -> None:
+        while not self.stop.is_set():
+            waiting = self.waiting()
+            self.samples.append(waiting)
+            for _ in range(max(0, self.depth - waiting)):
+                self.svc.queue.submit(uuid.uuid4())
+                self.sent += 1
+            self.stop.wait(0.02)
+
+    def __enter__(self) -> Backlog:
+        if self.depth:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        if self.depth:
+            self.thread.join(10)
+        self.svc.close()
+
+
+def split_workers(bench: Bench) -> None:
+    """The two worker processes per concern: one never sees a submit."""
+    stack = bench.stack
+    stack.stop_workers()
+    for name, queues in (("worker", "callbacks,admission,webhooks"), ("worker-2", "submit")):
+        args = ["worker", "--concurrency", str(stack.worker_concurrency), "--name", name]
+        stack.start_process(name, [*args, "--queues", queues], None)
+
+
 def floor(bench: Bench, urls: list[str], receiver: Receiver, body_size: int) -> list[float]:
     from service.pipeline import copy_url
 
@@ -90,10 +148,14 @@ def floor(bench: Bench, urls: list[str], receiver: Receiver, body_size: int) -> 
 
 def run(bench: Bench) -> dict[str, Any]:
     count, rate = (3, 2.0) if bench.quick else (40, 2.0)
+    backlog = int(os.environ.get("BENCH_CALLBACK_BACKLOG", "0"))
+    split = os.environ.get("BENCH_CALLBACK_SPLIT") == "1"
+    if split:
+        split_workers(bench)
     bench.set_sim(task_duration_s=0, output_size_bytes=OUTPUT_BYTES)
     image = SAMPLE.read_bytes()
     try:
-        with Receiver() as receiver:
+        with Receiver() as receiver, Backlog(bench, backlog) as keeper:
             hook = f"http://127.0.0.1:{receiver.port}/hook"
 
             def make(n: int) -> dict[str, Any]:
@@ -124,6 +186,9 @@ def run(bench: Bench) -> dict[str, Any]:
             floors = floor(bench, urls[: (3 if bench.quick else 30)], receiver, body_size)
     finally:
         bench.set_sim(output_size_bytes=None)
+        if split:
+            bench.stack.stop_workers()
+            bench.stack.start_workers()
 
     parts: dict[str, list[float]] = {
         k: [] for k in ("total", "callback_to_finalizing", "s3_copy", "webhook_delivery")
@@ -154,6 +219,10 @@ def run(bench: Bench) -> dict[str, Any]:
         "refused": refused,
         "webhooks_received": sum(1 for i in ids if i in receiver.arrived),
         "output_bytes": OUTPUT_BYTES,
+        "submit_backlog": backlog,
+        "backlog_waiting_p50": pct(keeper.samples, 50) if keeper.samples else None,
+        "backlog_messages_sent": keeper.sent,
+        "split_workers": split,
         "rows": rows,
         "p50_ms": ms(pct(total, 50)),
         "p99_ms": ms(pct(total, 99)),
@@ -168,6 +237,8 @@ def run(bench: Bench) -> dict[str, Any]:
             GOAL + f"; met: {result['goal_met']}",
             f"webhooks received {result['webhooks_received']}/{len(ids)}",
             "floor: GET output + S3 put + POST webhook, back to back in one thread",
+            f"submit backlog kept at >= {backlog} ({keeper.sent} sent), workers "
+            + ("split by queue" if split else "reading every queue"),
         ],
     )
     return result

@@ -79,9 +79,7 @@ def sweep_queries(bench: Bench) -> dict[str, tuple[float, int]]:
     return {name: sweep_query(bench, explain=False, query=q)[:2] for name, q in queries.items()}
 
 
-def sweep_query(
-    bench: Bench, *, explain: bool, query: Any = None
-) -> tuple[float, int, str]:
+def sweep_query(bench: Bench, *, explain: bool, query: Any = None) -> tuple[float, int, str]:
     """Median time of jobs.due_polls (or ``query``; rolled back), rows it returned, and
     EXPLAIN ANALYZE."""
     from sqlalchemy import event

@@ -5,9 +5,15 @@ worker and gateway. ``admit`` is the only step that moves a job from ``queued`` 
 ``submitting``: under a PostgreSQL advisory transaction lock it counts the jobs in flight,
 claims up to the free slots, fairly between owners (the owner with the fewest jobs in flight
 first, then that owner's next ready job by priority and age), skipping keys at their own
-``max_in_flight``, and after the commit sends a ``submit`` for each claimed job. Any step
-that may free a slot or add a queued job asks for an admission pass (``request``); the sweep
-runs one too, so a lost request costs one sweep interval.
+``max_in_flight``, and after the commit sends a ``submit`` for each claimed job.
+
+Passes are run by one ``AdmissionLoop`` per deployment (a thread in every worker; the one
+holding a PostgreSQL advisory lock is the leader, the others wait to take over). A unit of
+work that frees a slot or queues a job notifies it in its own transaction (``pg_notify``,
+see ``service/uow.py``); the loop coalesces notifications, so a burst of 5,000 submits
+costs a few passes, each filling every free slot, and no broker message per job. It also
+passes every ``ADMISSION_POLL_S`` on its own (delayed re-queues, account probes, a lost
+notification), and the sweep runs one too.
 
 The limit in force adapts (AIMD): it halves (never below 1) when Wiro answers code 96 or
 HTTP 429 to a Run, and climbs back by one after ``WIRO_ADMISSION_INCREASE_AFTER`` accepted
@@ -26,11 +32,14 @@ metrics say since when Wiro refuses us.
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
 import structlog
 from sqlalchemy import func, text
 from sqlalchemy.orm import Session
@@ -40,6 +49,8 @@ from service.container import Services
 from service.db import transaction
 from service.models import Job
 from service.models import JobStatus as S
+from service.settings import Settings
+from service.uow import ADMIT_CHANNEL, QUEUED, later, unit_of_work, wake_admission
 from service.wiro import WiroAccountRefused
 
 log = structlog.get_logger(__name__)
@@ -123,7 +134,7 @@ def _in_flight(s: Session) -> int:
 def admit(svc: Services) -> list[uuid.UUID]:
     """One admission pass: claim queued jobs into the free slots; returns the claimed ids."""
     cap = svc.settings.wiro_max_in_flight
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": LOCK_KEY})
         limit = _limit(s, cap)
         in_flight = _in_flight(s)
@@ -161,25 +172,14 @@ def admit(svc: Services) -> list[uuid.UUID]:
                 enqueued_at=func.now(),
             )
         ]
-    for job_id in claimed:
-        svc.queue.submit(job_id)
+        if claimed:
+            # Each submit carries its job's request id and trace, not this pass's.
+            origins = jobs.origins(s, claimed)
+            later(s, lambda: svc.queue.submit_many(claimed, origins))
+    metrics.ADMISSION_PASSES.inc()
     if claimed:
         log.info("admitted", count=len(claimed), limit=limit, in_flight=in_flight)
     return claimed
-
-
-def request(svc: Services, *, countdown: float | None = None) -> None:
-    """Ask a worker for an admission pass, after a commit; a lost ask waits for the sweep."""
-    try:
-        svc.queue.admit(countdown=countdown)
-    except Exception as exc:  # the jobs are safe in PostgreSQL; the sweep admits them
-        log.warning("admit_send_failed", error=str(exc))
-
-
-def released(svc: Services, moved: jobs.Moved | None) -> None:
-    """After the commit of a transition: ask for a pass if it freed a slot."""
-    if moved is not None and moved.from_status in IN_FLIGHT and moved.to_status not in IN_FLIGHT:
-        request(svc)
 
 
 def _paused(s: Session) -> bool:
@@ -238,18 +238,6 @@ def account_refused(svc: Services, exc: WiroAccountRefused) -> None:
         log.error("wiro_account_refused", reason=exc.reason, message=exc.message[:500])
 
 
-def account_probe_delay(svc: Services) -> float:
-    """Seconds until the next probe Run may go (0 when admission is not paused)."""
-    with transaction(svc.sessions) as s:
-        value = s.execute(
-            text(
-                "SELECT greatest(0, extract(epoch FROM account_probe_at - now())) "
-                "FROM wiro_admission WHERE id = 1 AND account_refused_since IS NOT NULL"
-            )
-        ).scalar_one_or_none()
-    return 0.0 if value is None else float(value) + 0.05
-
-
 def concurrency_refused(svc: Services, job_id: uuid.UUID | None = None) -> None:
     """Wiro said 96/429 to a Run: halve the limit in force (multiplicative decrease).
 
@@ -295,58 +283,57 @@ def _admitted_under(s: Session, job_id: uuid.UUID) -> int | None:
     return None if value is None else int(value)
 
 
-def run_accepted(svc: Services) -> None:
+def run_accepted(s: Session, settings: Settings) -> None:
     """Wiro took a Run: count it; every N in a row raise the limit by one (additive).
 
     The step onto the ceiling (where Wiro last refused) needs ``probe_after`` Runs instead
     of N; taking it clears the ceiling, and a refusal there sets it again. An accepted Run
     also ends a pause for an account refusal: the key (or balance) works again.
     """
-    cap = svc.settings.wiro_max_in_flight
-    with transaction(svc.sessions) as s:
-        resumed = s.execute(
-            text(
-                """
-                WITH old AS (
-                    SELECT account_refused_since AS since FROM wiro_admission
-                    WHERE id = 1 AND account_refused_since IS NOT NULL FOR UPDATE
-                )
-                UPDATE wiro_admission SET account_refused_since = NULL, account_reason = NULL,
-                    account_message = NULL, account_refusals = 0, account_probe_at = NULL
-                FROM old WHERE id = 1
-                RETURNING extract(epoch FROM now() - old.since)
-                """
+    cap = settings.wiro_max_in_flight
+    resumed = s.execute(
+        text(
+            """
+            WITH old AS (
+                SELECT account_refused_since AS since FROM wiro_admission
+                WHERE id = 1 AND account_refused_since IS NOT NULL FOR UPDATE
             )
-        ).scalar_one_or_none()
-        s.execute(
-            text(
-                """
-                WITH step AS (
-                    SELECT successes + 1 >= CASE
-                        WHEN ceiling IS NOT NULL AND limit_in_force + 1 >= ceiling
-                        THEN :probe ELSE :every END AS up
-                    FROM wiro_admission WHERE id = 1
-                )
-                UPDATE wiro_admission SET
-                    limit_in_force = CASE WHEN step.up
-                        THEN least(:cap, limit_in_force + 1) ELSE limit_in_force END,
-                    successes = CASE WHEN step.up THEN 0 ELSE successes + 1 END,
-                    ceiling = CASE WHEN step.up AND limit_in_force + 1 >= ceiling
-                        THEN NULL ELSE ceiling END,
-                    updated_at = now()
-                FROM step
-                WHERE id = 1 AND limit_in_force < :cap
-                """
-            ),
-            {
-                "cap": cap,
-                "every": svc.settings.wiro_admission_increase_after,
-                "probe": svc.settings.wiro_admission_probe_after,
-            },
+            UPDATE wiro_admission SET account_refused_since = NULL, account_reason = NULL,
+                account_message = NULL, account_refusals = 0, account_probe_at = NULL
+            FROM old WHERE id = 1
+            RETURNING extract(epoch FROM now() - old.since)
+            """
         )
+    ).scalar_one_or_none()
+    s.execute(
+        text(
+            """
+            WITH step AS (
+                SELECT successes + 1 >= CASE
+                    WHEN ceiling IS NOT NULL AND limit_in_force + 1 >= ceiling
+                    THEN :probe ELSE :every END AS up
+                FROM wiro_admission WHERE id = 1
+            )
+            UPDATE wiro_admission SET
+                limit_in_force = CASE WHEN step.up
+                    THEN least(:cap, limit_in_force + 1) ELSE limit_in_force END,
+                successes = CASE WHEN step.up THEN 0 ELSE successes + 1 END,
+                ceiling = CASE WHEN step.up AND limit_in_force + 1 >= ceiling
+                    THEN NULL ELSE ceiling END,
+                updated_at = now()
+            FROM step
+            WHERE id = 1 AND limit_in_force < :cap
+            """
+        ),
+        {
+            "cap": cap,
+            "every": settings.wiro_admission_increase_after,
+            "probe": settings.wiro_admission_probe_after,
+        },
+    )
     if resumed is not None:
         log.warning("wiro_account_accepted_again", paused_s=round(float(resumed), 1))
-        request(svc)  # the queue waited for this probe: fill every free slot now
+        wake_admission(s)  # the queue waited for this probe: fill every free slot now
 
 
 @dataclass(frozen=True)
@@ -440,3 +427,95 @@ def queue_estimate(s: Session, job: Job, *, cap: int) -> QueueEstimate:
     # Slots free at about limit / duration per second; this job needs (position - free + 1).
     wait_s = (position - free + 1) * float(duration) / limit
     return QueueEstimate(position=position, estimated_start_at=now + timedelta(seconds=wait_s))
+
+
+# pg_try_advisory_lock key of the admission loop's leader ("dglead").
+LEADER_KEY = 0x64676C65_6164
+# Notifications arriving this soon after the first are served by the same pass.
+COALESCE_S = 0.005
+
+
+class AdmissionLoop:
+    """Admission passes for the whole deployment, run by whichever process leads.
+
+    Every worker starts one (a thread); the one holding ``LEADER_KEY`` on its own
+    connection passes on each ``dreamgate_admit`` notification and at least every
+    ``poll_s``; the others retry the lock, so a leader that dies (its connection with
+    it) is replaced within ``poll_s``. Passes are serialised by ``admit``'s transaction
+    lock anyway: leadership only spares the database idle passes from every worker.
+    """
+
+    def __init__(
+        self, svc: Callable[[], Services], dsn: str, *, poll_s: float, coalesce_s: float = 0.0
+    ) -> None:
+        self._svc = svc
+        self._dsn = dsn
+        self._poll_s = poll_s
+        self._coalesce_s = max(coalesce_s, COALESCE_S)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.leading = False
+        self.passes = 0
+
+    def start(self) -> None:
+        """Run in a daemon thread until ``stop``."""
+        self._thread = threading.Thread(target=self._run, name="admission", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the pass in hand; the lock goes with the connection."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(
+                    self._dsn, autocommit=True, application_name="dreamgate-admission"
+                ) as conn:
+                    delay = 0.5
+                    self._lead(conn)
+            except Exception as exc:  # PostgreSQL away: try again; nothing is lost meanwhile
+                self.leading = False
+                log.warning("admission_loop_error", error=str(exc))
+                self._stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _lead(self, conn: psycopg.Connection[Any]) -> None:
+        while not self._stop.is_set():
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_KEY,)).fetchone()
+            if row and row[0]:
+                break
+            self._stop.wait(self._poll_s)
+        else:
+            return
+        self.leading = True
+        conn.execute(f"LISTEN {ADMIT_CHANNEL}")
+        log.info("admission_leader")
+        while not self._stop.is_set():
+            self._pass()
+            first = list(conn.notifies(timeout=self._poll_s, stop_after=1))
+            if first:
+                self._gather(conn, first[0].payload)
+
+    def _gather(self, conn: psycopg.Connection[Any], why: str) -> None:
+        """Let the wake-ups that come with this one share its pass.
+
+        A queued job passes within a few milliseconds (a slot may be free for it). Freed
+        slots wait up to ``coalesce_s`` for the slots freed with them, so that a pass
+        fills several at once: against a task of tens of seconds at Wiro, a few tens of
+        milliseconds cost nothing, and a burst is admitted in few passes.
+        """
+        window = COALESCE_S if why == QUEUED else self._coalesce_s
+        for note in conn.notifies(timeout=window):
+            if note.payload == QUEUED and window > COALESCE_S:
+                break  # a new job may have a free slot waiting: do not hold it back
+
+    def _pass(self) -> None:
+        try:
+            admit(self._svc())
+            self.passes += 1
+        except Exception as exc:  # the next notification or poll tries again
+            log.warning("admission_pass_failed", error=str(exc))

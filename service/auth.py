@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from decimal import Decimal
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -29,6 +30,8 @@ class Principal:
     role: str
     # The key's submit rate ("10/second"), None for no limit.
     submit_rate_limit: str | None = None
+    # The key's monthly budget in USD, None for none (service/usage.py).
+    budget_usd: Decimal | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -53,10 +56,15 @@ class KeyLimits:
 
     max_in_flight: int | None = None
     submit_rate_limit: str | None = None
+    budget_usd: Decimal | None = None
 
     def __post_init__(self) -> None:
         if self.max_in_flight is not None and self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if self.budget_usd is not None and not (
+            self.budget_usd.is_finite() and self.budget_usd >= 0
+        ):
+            raise ValueError("budget_usd must be a number of dollars, 0 or more")
         if self.submit_rate_limit is not None:
             parse_rate(self.submit_rate_limit)
 
@@ -90,6 +98,7 @@ def create_key(
         webhook_secret=new_webhook_secret(),
         max_in_flight=limits.max_in_flight if limits else None,
         submit_rate_limit=limits.submit_rate_limit if limits else None,
+        budget_usd=limits.budget_usd if limits else None,
     )
     session.add(row)
     session.flush()
@@ -99,14 +108,18 @@ def create_key(
 def authenticate(session: Session, key: str) -> Principal | None:
     """The principal of a live key, or None for an unknown or revoked one."""
     row = session.execute(
-        select(ApiKey.id, ApiKey.owner, ApiKey.role, ApiKey.submit_rate_limit).where(
-            ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)
-        )
+        select(
+            ApiKey.id, ApiKey.owner, ApiKey.role, ApiKey.submit_rate_limit, ApiKey.budget_usd
+        ).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
     ).one_or_none()
     if row is None:
         return None
     return Principal(
-        key_id=row.id, owner=row.owner, role=row.role, submit_rate_limit=row.submit_rate_limit
+        key_id=row.id,
+        owner=row.owner,
+        role=row.role,
+        submit_rate_limit=row.submit_rate_limit,
+        budget_usd=row.budget_usd,
     )
 
 
@@ -171,7 +184,11 @@ def set_limits(session: Session, key_id: uuid.UUID, limits: KeyLimits) -> bool:
     result = session.execute(
         update(ApiKey)
         .where(ApiKey.id == key_id)
-        .values(max_in_flight=limits.max_in_flight, submit_rate_limit=limits.submit_rate_limit)
+        .values(
+            max_in_flight=limits.max_in_flight,
+            submit_rate_limit=limits.submit_rate_limit,
+            budget_usd=limits.budget_usd,
+        )
         .returning(ApiKey.id)
     )
     return result.scalar_one_or_none() is not None

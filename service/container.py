@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import httpx
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import __version__
 from service.db import make_engine, make_sessionmaker
+from service.fetch import Policy
 from service.queue import TaskQueue, make_celery
 from service.ratelimit import SubmitRateLimiter
 from service.settings import Settings
+from service.ssrf import AllowList
 from service.storage import Storage
 from service.wiro import WiroClient
 
@@ -24,34 +25,45 @@ class Services:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
+    # Sessions in autocommit: for a unit of work that is one statement (a submit without
+    # an Idempotency-Key), which then needs no BEGIN and COMMIT round trips.
+    autocommit_sessions: sessionmaker[Session]
     storage: Storage
     queue: TaskQueue
     rate_limiter: SubmitRateLimiter
     wiro: WiroClient = field(repr=False)
-    # For Wiro's output URLs (public CDN files), not for Wiro's API.
-    http: httpx.Client = field(repr=False)
+    # How Wiro's output URLs are read (service/fetch.py): a guarded GET per output, pinned
+    # to the address each hop was checked against, so there is no shared client to keep.
+    output_policy: Policy = field(repr=False)
 
     def close(self) -> None:
         """Release pools and connections."""
         self.wiro.close()
-        self.http.close()
         self.engine.dispose()
 
 
 def build_services(settings: Settings, *, pool_size: int = 5) -> Services:
     """Every client the service uses, configured from ``settings``."""
-    engine = make_engine(settings.database_url, pool_size=pool_size)
+    engine = make_engine(
+        settings.database_url,
+        pool_size=pool_size,
+        transaction_pooling=settings.database_transaction_pooling,
+    )
     secret = settings.wiro_api_secret.get_secret_value() if settings.wiro_api_secret else None
     return Services(
         settings=settings,
         engine=engine,
         sessions=make_sessionmaker(engine),
+        autocommit_sessions=make_sessionmaker(
+            engine.execution_options(isolation_level="AUTOCOMMIT")
+        ),
         storage=Storage.from_settings(
             endpoint_url=settings.s3_endpoint_url,
             region=settings.s3_region,
             bucket=settings.s3_bucket,
+            public_endpoint_url=settings.s3_public_endpoint_url,
         ),
-        queue=TaskQueue(make_celery(settings.redis_url)),
+        queue=TaskQueue(make_celery(settings.celery_broker_url)),
         rate_limiter=SubmitRateLimiter(settings.redis_url),
         wiro=WiroClient(
             base_url=settings.wiro_base_url,
@@ -60,9 +72,29 @@ def build_services(settings: Settings, *, pool_size: int = 5) -> Services:
             model=settings.wiro_model,
             timeout_s=settings.wiro_timeout_s,
         ),
-        http=httpx.Client(
-            timeout=httpx.Timeout(settings.output_read_timeout_s, connect=10.0),
-            follow_redirects=True,
-            headers={"user-agent": f"dreamgate/{__version__}"},
-        ),
+        output_policy=output_policy(settings),
+    )
+
+
+def output_policy(settings: Settings) -> Policy:
+    """Where Wiro's outputs may come from, and how much time and bytes they may take."""
+    return Policy(
+        max_bytes=settings.max_output_bytes,
+        deadline_s=settings.output_read_deadline_s,
+        read_timeout_s=settings.output_read_timeout_s,
+        max_pixels=settings.max_image_pixels,
+        hosts=settings.output_hosts,
+        user_agent=f"dreamgate/{__version__}",
+    )
+
+
+def image_url_policy(settings: Settings) -> Policy:
+    """Clients' image URLs fetched by a worker: any public host, or one allow-listed."""
+    return Policy(
+        max_bytes=settings.max_image_bytes,
+        deadline_s=settings.output_read_deadline_s,
+        read_timeout_s=settings.output_read_timeout_s,
+        max_pixels=settings.max_image_pixels,
+        allow=AllowList.parse(settings.image_url_allow_list),
+        user_agent=f"dreamgate/{__version__}",
     )

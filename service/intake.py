@@ -12,26 +12,19 @@ from datetime import timedelta
 from typing import IO, Any
 
 import structlog
-from PIL import Image, UnidentifiedImageError
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
-from service import admission, jobs, ssrf
+from service import images, jobs, ssrf, thumbnails
 from service.container import Services
 from service.db import transaction
-from service.models import IdempotencyKey, Job, JobEvent, JobInput
+from service.models import IdempotencyKey, Job
 from service.storage import TooLarge
+from service.uow import unit_of_work
 from service.views import JobOut, job_out
 
-ALLOWED_FORMATS = {
-    "PNG": "image/png",
-    "JPEG": "image/jpeg",
-    "WEBP": "image/webp",
-    "GIF": "image/gif",
-    "BMP": "image/bmp",
-}
+ALLOWED_FORMATS = images.ALLOWED_FORMATS
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 log = structlog.get_logger(__name__)
 
@@ -39,11 +32,22 @@ log = structlog.get_logger(__name__)
 class InputError(ValueError):
     """An input the API must refuse, with a stable machine code."""
 
-    def __init__(self, code: str, message: str, *, field: str | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, *, field: str | None = None, position: int | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
+        # ``reason`` is about the value alone; ``message`` also says which one it was.
+        self.reason = message
         self.message = message
         self.field = field
+        self.position = position
+
+    def at(self, position: int, filename: str) -> InputError:
+        """The same refusal, naming the upload it is about (images[1] (notes.txt): …)."""
+        named = InputError(self.code, self.reason, field=self.field, position=position)
+        named.message = f"images[{position}] ({filename}): {self.reason}"
+        return named
 
 
 @dataclass
@@ -161,23 +165,18 @@ def parse_cancel_after(value: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def sniff_image(file: IO[bytes]) -> str:
-    """The content type of an image judged by its bytes, never its name; InputError if none."""
-    file.seek(0)
+def _mib(n: int) -> str:
+    value = n / (1024 * 1024)
+    return f"{value:.0f} MiB" if value == int(value) else f"{value:.1f} MiB"
+
+
+def sniff_image(file: IO[bytes], *, max_pixels: int) -> str:
+    """The content type of an image judged by its bytes, never its name; InputError if none
+    (decompression bombs included: ``image_too_many_pixels``)."""
     try:
-        with Image.open(file) as img:
-            fmt = img.format or ""
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError("invalid_image", "the file is not an image", field="images") from exc
-    finally:
-        file.seek(0)
-    if fmt not in ALLOWED_FORMATS:
-        raise InputError(
-            "unsupported_image",
-            f"{fmt or 'this'} images are not accepted; use one of {', '.join(ALLOWED_FORMATS)}",
-            field="images",
-        )
-    return ALLOWED_FORMATS[fmt]
+        return images.sniff(file, max_pixels=max_pixels)
+    except images.NotAnImage as exc:
+        raise InputError(exc.code, exc.message, field="images") from exc
 
 
 def input_key(job_id: uuid.UUID, position: int, filename: str) -> str:
@@ -227,14 +226,18 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
             if isinstance(image, str):
                 inputs.append(jobs.NewInput(kind="url", url=image))
                 continue
-            ctype = sniff_image(image.file)
+            try:
+                ctype = sniff_image(image.file, max_pixels=svc.settings.max_image_pixels)
+            except InputError as exc:
+                raise exc.at(n, image.filename) from exc
             key = input_key(job_id, n, image.filename)
             try:
                 stored = svc.storage.put_stream(key, image.file, content_type=ctype, limit=limit)
             except TooLarge as exc:
-                raise InputError(
-                    "image_too_large", f"image {n} is larger than {limit} bytes", field="images"
-                ) from exc
+                too_large = InputError(
+                    "image_too_large", f"larger than {_mib(limit)}", field="images"
+                )
+                raise too_large.at(n, image.filename) from exc
             inputs.append(
                 jobs.NewInput(
                     kind="file",
@@ -243,31 +246,40 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
                     content_type=ctype,
                     size=stored.size,
                     sha256=stored.sha256,
+                    thumb_key=_thumbnail(svc, image.file, thumbnails.key(job_id, "inputs", n)),
                 )
             )
-        with transaction(svc.sessions) as s:
-            jobs.create(
-                s,
-                job_id=job_id,
-                owner=caller.owner,
-                api_key_id=caller.api_key_id,
-                prompt=sub.prompt,
-                steps=sub.steps,
-                scale=sub.scale,
-                webhook_url=sub.webhook_url,
-                webhook_events=sub.webhook_events,
-                metadata=sub.metadata,
-                inputs=inputs,
-                priority=sub.priority,
-                cancel_after=sub.cancel_after,
-            )
-            if caller.idempotency_key and not _claim_key(s, caller, request_hash, job_id):
-                raise _LostRace
-            view = _as_committed(svc, s, job_id, inputs)
+        fields: dict[str, Any] = {
+            "job_id": job_id,
+            "owner": caller.owner,
+            "api_key_id": caller.api_key_id,
+            "prompt": sub.prompt,
+            "steps": sub.steps,
+            "scale": sub.scale,
+            "webhook_url": sub.webhook_url,
+            "webhook_events": sub.webhook_events,
+            "metadata": sub.metadata,
+            "inputs": inputs,
+            "priority": sub.priority,
+            "cancel_after": sub.cancel_after,
+        }
+        if caller.idempotency_key:
+            # The key's row in the job's own transaction: of two racing requests exactly
+            # one commits a job.
+            with unit_of_work(svc) as s:
+                job, _ = jobs.create(s, **fields)
+                if not _claim_key(s, caller, request_hash, job_id):
+                    raise _LostRace
+        else:
+            # One statement: its own transaction, one round trip (service/jobs.py: create).
+            with svc.autocommit_sessions() as s:
+                job, _ = jobs.create(s, **fields)
+        view = _render(svc, job)
     except BaseException as exc:
         if any(i.kind == "file" for i in inputs):
             try:
                 svc.storage.delete_prefix(f"inputs/{job_id}/")
+                svc.storage.delete_prefix(f"thumbs/{job_id}/")
             except Exception as cleanup:  # S3 may be the thing that failed; keep the cause
                 log.warning("input_cleanup_failed", job_id=str(job_id), error=str(cleanup))
         if isinstance(exc, _LostRace):
@@ -276,41 +288,21 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
             if earlier is not None:
                 return earlier
         raise
-    # After the commit: a send lost here is re-sent by the sweep.
-    admission.request(svc)
     return Accepted(job_id=job_id, replayed=False, job=view)
 
 
-def _as_committed(
-    svc: Services, s: Session, job_id: uuid.UUID, inputs: Sequence[jobs.NewInput]
-) -> JobOut:
-    """The job just inserted, rendered from one read in its own transaction.
+def _thumbnail(svc: Services, file: IO[bytes], key: str) -> str | None:
+    """Store a thumbnail of the upload (still spooled here) and return its key; None if no
+    thumbnail could be made. Only our own storage failing is an error: it failed anyway."""
+    data = thumbnails.make(file)
+    if data is None:
+        return None
+    svc.storage.put_stream(key, iter([data]), content_type="image/jpeg")
+    return key
 
-    The row and its first event come back in one round trip (server-side values: times,
-    event id, scale as stored); the inputs are what was just inserted, and there are no
-    outputs yet, so the answer need not re-read the job in a transaction of its own.
-    """
-    job, event = s.execute(
-        select(Job, JobEvent).join(JobEvent, JobEvent.job_id == Job.id).where(Job.id == job_id)
-    ).one()
-    rows = [
-        JobInput(
-            job_id=job_id,
-            position=n,
-            kind=i.kind,
-            url=i.url,
-            s3_key=i.s3_key,
-            filename=i.filename,
-            content_type=i.content_type,
-            size=i.size,
-            sha256=i.sha256,
-        )
-        for n, i in enumerate(inputs)
-    ]
-    # Loaded as if read from the database: nothing becomes pending in the session.
-    set_committed_value(job, "inputs", rows)
-    set_committed_value(job, "outputs", [])
-    set_committed_value(job, "events", [event])
+
+def _render(svc: Services, job: Job) -> JobOut:
+    """The job just created, as the API shows it (from what the insert returned)."""
     return job_out(
         job, svc.storage, svc.settings.presign_ttl_s, full=True, base_url=svc.settings.public_url
     )

@@ -19,11 +19,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, String, cast, func, insert, literal, select, update
+import structlog
+from sqlalchemy import ColumnElement, String, cast, func, insert, literal, select, text, update
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
-from service import metrics
+from service import metrics, tracing, uow
 from service.models import ACTIVE, TERMINAL, Job, JobEvent, JobInput, JobStatus
 
 S = JobStatus
@@ -56,6 +59,8 @@ class Moved:
     to_status: JobStatus
     event_id: int
     job_id: uuid.UUID
+    # The job has a webhook URL: only then can the move make a webhook message.
+    hooked: bool = True
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class NewInput:
     content_type: str | None = None
     size: int | None = None
     sha256: str | None = None
+    thumb_key: str | None = None
 
 
 def new_callback_token() -> tuple[str, str]:
@@ -92,6 +98,62 @@ PRIORITIES = {"low": -1, "normal": 0, "high": 1}
 PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a job came from: its request id and trace context (its first event's detail)."""
+
+    request_id: str | None
+    trace: dict[str, str] | None
+
+
+def origins(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Origin]:
+    """The origin of each job, for the messages sent on its behalf later."""
+    rows = session.execute(
+        select(JobEvent.job_id, JobEvent.detail).where(
+            JobEvent.job_id.in_(job_ids),
+            JobEvent.from_status.is_(None),
+            JobEvent.kind == "transition",
+        )
+    )
+    return {
+        job_id: Origin(request_id=detail.get("request_id"), trace=detail.get("trace"))
+        for job_id, detail in rows
+    }
+
+
+# The job, its inputs, its first event and the admission wake-up in ONE statement: a
+# submit is one round trip to PostgreSQL (no BEGIN/COMMIT of its own when the caller runs
+# it in autocommit), and the row and event come back for the answer (no re-read).
+# Data-modifying CTEs all run, in one snapshot; the inputs' foreign key is checked at the
+# end of the statement, when the job exists.
+_CREATE = text(
+    """
+    WITH job AS (
+        INSERT INTO jobs (id, status, owner, api_key_id, webhook_events, prompt, steps, scale,
+            webhook_url, metadata, priority, enqueued_at, deadline_at)
+        VALUES (:id, 'queued', :owner, :api_key_id, CAST(:webhook_events AS jsonb), :prompt,
+            :steps, :scale, :webhook_url, CAST(:metadata AS jsonb), :priority, now(),
+            now() + make_interval(secs => CAST(:cancel_after_s AS double precision)))
+        RETURNING *
+    ), inputs AS (
+        INSERT INTO job_inputs (job_id, position, kind, url, s3_key, filename, content_type,
+            size, sha256, thumb_key)
+        SELECT :id, r.position, r.kind, r.url, r.s3_key, r.filename, r.content_type, r.size,
+            r.sha256, r.thumb_key
+        FROM jsonb_to_recordset(CAST(:inputs AS jsonb)) AS r(position int, kind text,
+            url text, s3_key text, filename text, content_type text, size bigint, sha256 text,
+            thumb_key text)
+    ), event AS (
+        INSERT INTO job_events (job_id, from_status, to_status, kind, detail)
+        SELECT id, NULL, 'queued', 'transition', CAST(:detail AS jsonb) FROM job
+        RETURNING id AS event_id, at AS event_at, detail AS event_detail
+    )
+    SELECT job.*, event.*, pg_notify(:channel, :why) AS woke FROM job, event
+    """
+)
+_JOB_ATTRS = {prop.columns[0].name: prop.key for prop in sa_inspect(Job).column_attrs}
+
+
 def create(
     session: Session,
     *,
@@ -107,43 +169,68 @@ def create(
     webhook_events: list[str] | None = None,
     priority: str = "normal",
     cancel_after: timedelta | None = None,
-) -> None:
-    """Insert a queued job, its inputs in order, and the first timeline event."""
-    session.execute(
-        insert(Job).values(
-            id=job_id,
-            status=S.queued,
-            owner=owner,
-            api_key_id=api_key_id,
-            webhook_events=webhook_events,
-            prompt=prompt,
-            steps=steps,
-            scale=scale,
-            webhook_url=webhook_url,
-            metadata_=metadata,
-            priority=PRIORITIES[priority],
-            enqueued_at=func.now(),
-            deadline_at=None if cancel_after is None else func.now() + cancel_after,
-        )
-    )
-    session.execute(
-        insert(JobInput),
-        [
+) -> tuple[Job, JobEvent]:
+    """Insert a queued job, its inputs in order and its first timeline event, and wake
+    admission; returns the job (its inputs, no outputs, the event loaded) and the event,
+    as committed, not attached to the session."""
+    # The request that made the job, for the log lines of the worker that later sends it.
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    detail: dict[str, Any] = {"request_id": request_id} if request_id else {}
+    if trace := tracing.carrier():
+        detail["trace"] = trace  # the admission pass sends the submit in this trace
+    rows = [
+        {
+            "position": n,
+            "kind": i.kind,
+            "url": i.url,
+            "s3_key": i.s3_key,
+            "filename": i.filename,
+            "content_type": i.content_type,
+            "size": i.size,
+            "sha256": i.sha256,
+            "thumb_key": i.thumb_key,
+        }
+        for n, i in enumerate(inputs)
+    ]
+    row = (
+        session.execute(
+            _CREATE,
             {
-                "job_id": job_id,
-                "position": n,
-                "kind": i.kind,
-                "url": i.url,
-                "s3_key": i.s3_key,
-                "filename": i.filename,
-                "content_type": i.content_type,
-                "size": i.size,
-                "sha256": i.sha256,
-            }
-            for n, i in enumerate(inputs)
-        ],
+                "id": job_id,
+                "owner": owner,
+                "api_key_id": api_key_id,
+                "webhook_events": None if webhook_events is None else json.dumps(webhook_events),
+                "prompt": prompt,
+                "steps": steps,
+                "scale": scale,
+                "webhook_url": webhook_url,
+                "metadata": json.dumps(metadata),
+                "priority": PRIORITIES[priority],
+                "cancel_after_s": None if cancel_after is None else cancel_after.total_seconds(),
+                "inputs": json.dumps(rows),
+                "detail": json.dumps(detail),
+                "channel": uow.ADMIT_CHANNEL,
+                "why": uow.QUEUED,
+            },
+        )
+        .mappings()
+        .one()
     )
-    session.execute(insert(JobEvent).values(job_id=job_id, from_status=None, to_status=S.queued))
+    job = Job(**{attr: row[col] for col, attr in _JOB_ATTRS.items()})
+    event = JobEvent(
+        id=row["event_id"],
+        job_id=job_id,
+        at=row["event_at"],
+        from_status=None,
+        to_status=S.queued,
+        kind="transition",
+        detail=row["event_detail"],
+    )
+    # Loaded as if read from the database; none of it is added to the session.
+    set_committed_value(job, "inputs", [JobInput(job_id=job_id, **r) for r in rows])
+    set_committed_value(job, "outputs", [])
+    set_committed_value(job, "events", [event])
+    return job, event
 
 
 def transition(
@@ -172,7 +259,11 @@ def transition(
         update(Job)
         .where(*conditions)
         .values(status=str(to), updated_at=func.now(), **values)
-        .returning(Job.id, old.c.status.label("from_status"))
+        .returning(
+            Job.id,
+            old.c.status.label("from_status"),
+            Job.webhook_url.is_not(None).label("hooked"),
+        )
         .cte("moved")
     )
     event = (
@@ -187,15 +278,26 @@ def transition(
                 cast(literal(json.dumps(detail or {}), String), JSONB),
             ),
         )
-        .returning(JobEvent.id, JobEvent.from_status)
+        .returning(JobEvent.id, JobEvent.job_id, JobEvent.from_status)
+        .cte("event")
     )
-    row = session.execute(event).one_or_none()
+    row = session.execute(
+        select(event.c.id, event.c.from_status, moved.c.hooked).join_from(
+            event, moved, event.c.job_id == moved.c.id
+        )
+    ).one_or_none()
     if row is None:
         return None
     metrics.TRANSITIONS.labels(row.from_status, str(to)).inc()
-    return Moved(
-        from_status=JobStatus(row.from_status), to_status=to, event_id=row.id, job_id=job_id
+    done = Moved(
+        from_status=JobStatus(row.from_status),
+        to_status=to,
+        event_id=row.id,
+        job_id=job_id,
+        hooked=bool(row.hooked),
     )
+    uow.record(session, done)
+    return done
 
 
 # A callback named a task for a job whose Run is uncertain: kept so that the sweep can
@@ -225,14 +327,47 @@ def update_fields(
     return result.scalar_one_or_none() is not None
 
 
-def get(session: Session, job_id: uuid.UUID, *, full: bool = True) -> Job | None:
-    """One job, with its inputs, outputs and timeline when ``full``."""
+RELATIONS = ("inputs", "outputs", "events")
+
+
+def get(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    full: bool = True,
+    load: Sequence[str] | None = None,
+) -> Job | None:
+    """One job, with its inputs, outputs and timeline when ``full`` (or only the
+    relations named in ``load``: a worker step reads what it uses)."""
     query = select(Job).where(Job.id == job_id)
-    if full:
-        query = query.options(
-            selectinload(Job.inputs), selectinload(Job.outputs), selectinload(Job.events)
-        )
+    names = load if load is not None else (RELATIONS if full else ())
+    if names:
+        query = query.options(*(selectinload(getattr(Job, n)) for n in names))
     return session.execute(query).scalar_one_or_none()
+
+
+def claim_for_submit(session: Session, job_id: uuid.UUID, token_hash: str) -> Job | None:
+    """Set the callback token of a job admission claimed, if no submit did yet; the job
+    and its inputs (what a Run sends), or None. The guard against a redelivered submit."""
+    job = session.scalars(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status == S.submitting,
+            Job.run_sent_at.is_(None),
+            Job.callback_token_hash.is_(None),
+        )
+        .values(callback_token_hash=token_hash)
+        .returning(Job),
+        execution_options={"populate_existing": True},
+    ).one_or_none()
+    if job is None:
+        return None
+    rows = session.scalars(
+        select(JobInput).where(JobInput.job_id == job_id).order_by(JobInput.position)
+    ).all()
+    set_committed_value(job, "inputs", list(rows))
+    return job
 
 
 def encode_cursor(job: Job) -> str:

@@ -86,6 +86,14 @@ WEBHOOK_DELIVERIES = Counter(
     namespace=NAMESPACE,
 )
 SWEEPS = Counter("sweeps", "Sweeps run.", namespace=NAMESPACE)
+PROGRESS_RECONNECTS = Counter(
+    "progress_socket_reconnects",
+    "Wiro websocket connections of `dreamgate progress` lost or refused, then retried.",
+    namespace=NAMESPACE,
+)
+ADMISSION_PASSES = Counter(
+    "admission_passes", "Admission passes run (each fills every free slot).", namespace=NAMESPACE
+)
 WIRO_UNKNOWN_STATUS = Counter(
     "wiro_unknown_status",
     "Task statuses reported by Wiro that none of its documented lists names (treated as "
@@ -143,7 +151,7 @@ class StateCollector(Collector):
     def __init__(
         self,
         counts: Callable[[], dict[str, int]],
-        queue_depth: Callable[[], int],
+        queue_depth: Callable[[], dict[str, int]],
         account_refused_since: Callable[[], float | None] | None = None,
     ) -> None:
         self._counts = counts
@@ -155,11 +163,15 @@ class StateCollector(Collector):
         for status, count in sorted(self._counts().items()):
             jobs.add_metric([status], count)
         yield jobs
-        yield GaugeMetricFamily(
+        depth = GaugeMetricFamily(
             f"{NAMESPACE}_celery_queue_depth",
-            "Task messages waiting in the Celery queue (Redis LLEN), now.",
-            value=self._queue_depth(),
+            "Task messages waiting in each Celery queue (submit, callbacks, admission, "
+            "webhooks), now.",
+            labels=["queue"],
         )
+        for queue, count in sorted(self._queue_depth().items()):
+            depth.add_metric([queue], count)
+        yield depth
         if self._account_refused_since is not None:
             since = self._account_refused_since()
             yield GaugeMetricFamily(

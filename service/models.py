@@ -80,12 +80,17 @@ class ApiKey(Base):
     max_in_flight: Mapped[int | None] = mapped_column(Integer)
     # Submits allowed per window, in the ``limits`` notation ("10/second", "600/minute").
     submit_rate_limit: Mapped[str | None] = mapped_column(String(32))
+    # Monthly (UTC calendar month) spend at Wiro this key may reach; None: no budget.
+    budget_usd: Mapped[Decimal | None] = mapped_column(Numeric(14, 6))
+    # When the 80 % warning last went out: at most one per key per month.
+    budget_warned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         CheckConstraint("role IN ('client','admin')", name="role"),
         CheckConstraint(
             "max_in_flight IS NULL OR max_in_flight >= 1", name="max_in_flight_positive"
         ),
+        CheckConstraint("budget_usd IS NULL OR budget_usd >= 0", name="budget_non_negative"),
     )
 
 
@@ -162,6 +167,14 @@ class Job(Base):
     wiro_stop_attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     # Wiro accepted a Cancel or Kill: from then on the job can no longer succeed.
     wiro_stop_accepted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # WIRO_DELETE_AFTER_COPY: when to try Task/InputOutputDelete next (NULL: nothing to do),
+    # how often it was tried, and when Wiro confirmed the deletion.
+    wiro_delete_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    wiro_delete_attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    wiro_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Live progress from Wiro's websocket (service/progress.py): shown, never decisive.
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     inputs: Mapped[list[JobInput]] = relationship(
         back_populates="job", order_by="JobInput.position"
@@ -185,6 +198,12 @@ class Job(Base):
             postgresql_where=text("status = 'running'"),
         ),
         Index("ix_jobs_owner_created_at_id", "owner", "created_at", "id"),
+        Index("ix_jobs_key_created_at", "api_key_id", "created_at"),
+        Index(
+            "ix_jobs_wiro_delete_due",
+            "wiro_delete_next_at",
+            postgresql_where=text("wiro_delete_next_at IS NOT NULL"),
+        ),
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index(
             "ix_jobs_in_flight_owner",
@@ -251,6 +270,8 @@ class JobInput(Base):
     content_type: Mapped[str | None] = mapped_column(String(100))
     size: Mapped[int | None] = mapped_column(BigInteger)
     sha256: Mapped[str | None] = mapped_column(String(64))
+    # A small JPEG made at intake (service/thumbnails.py), for /ops; None for URLs.
+    thumb_key: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[Job] = relationship(back_populates="inputs")
 
@@ -270,6 +291,8 @@ class JobOutput(Base):
     size: Mapped[int] = mapped_column(BigInteger, nullable=False)
     sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     source_url: Mapped[str] = mapped_column(Text, nullable=False)
+    # A small JPEG made at finalize (service/thumbnails.py), for /ops.
+    thumb_key: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )

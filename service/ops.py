@@ -21,6 +21,8 @@ from service import jobs
 from service.models import (
     ACTIVE,
     Job,
+    JobInput,
+    JobOutput,
     JobStatus,
     WebhookDelivery,
     WebhookMessage,
@@ -133,7 +135,55 @@ def completion_sources(session: Session, window: timedelta = WINDOW) -> dict[str
         "total": total,
         "counts": counts,
         "share": {k: round(v / total, 4) for k, v in counts.items()} if total else {},
+        "percent": whole_percents(counts),
     }
+
+
+def whole_percents(counts: dict[str, int]) -> dict[str, int]:
+    """Whole percentages of ``counts`` that add up to 100 (largest remainder): what a page
+    shows, so that "callback 74 % / sweep 0 %" can no longer leave a quarter unexplained."""
+    total = sum(counts.values())
+    if not total:
+        return {}
+    exact = {k: v * 100 / total for k, v in counts.items()}
+    out = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: exact[k] - out[k], reverse=True)[
+        : 100 - sum(out.values())
+    ]:
+        out[k] += 1
+    return out
+
+
+def owners(session: Session, window: timedelta = WINDOW, limit: int = 50) -> list[dict[str, Any]]:
+    """Per owner: jobs submitted and failed within ``window``, in flight now, and Wiro's
+    cost (USD) of its jobs ended within ``window``; busiest first."""
+    since = func.now() - window
+    in_flight = [str(s) for s in ACTIVE]
+    rows = session.execute(
+        select(
+            Job.owner,
+            func.count().filter(Job.created_at > since).label("submitted"),
+            func.count().filter(Job.status.in_(in_flight)).label("in_flight"),
+            func.count()
+            .filter(Job.status == JobStatus.failed, Job.finished_at > since)
+            .label("failed"),
+            func.coalesce(func.sum(Job.wiro_cost).filter(Job.finished_at > since), 0).label("cost"),
+        )
+        .where(or_(Job.created_at > since, Job.status.in_(in_flight), Job.finished_at > since))
+        .group_by(Job.owner)
+        .order_by(text("in_flight DESC, submitted DESC"), Job.owner)
+        .limit(limit)
+    ).all()
+    return [
+        {
+            "owner": r.owner,
+            "submitted": r.submitted,
+            "in_flight": r.in_flight,
+            "failed": r.failed,
+            "cost_usd": _money(r.cost),
+        }
+        for r in rows
+    ]
 
 
 def stats(
@@ -179,9 +229,15 @@ def stats(
             for code, n, message in reasons
         ],
         "completion_sources": completion_sources(session, window),
-        "wiro_cost": {"last_hour": _money(cost_hour), "total": _money(cost_total)},
+        "wiro_cost": {
+            "currency": "USD",
+            "last_hour": _money(cost_hour),
+            "total": _money(cost_total),
+        },
+        "owners": owners(session, window),
         "series": series(session),
         "stuck": stuck_jobs(session, older_than=stuck_after),
+        "running": running_jobs(session),
         "recent_failures": recent_failures(session),
         "failing_webhooks": failing_webhooks(session, window),
         "admission": admission_state(session, max_in_flight, by_status),
@@ -267,6 +323,17 @@ def stuck_jobs(session: Session, *, older_than: timedelta, limit: int = 20) -> d
         "count": count,
         "jobs": [_brief(j) for j in rows],
     }
+
+
+def running_jobs(session: Session, limit: int = 20) -> list[dict[str, Any]]:
+    """Jobs at Wiro now, oldest first, with their live progress (``dreamgate progress``)."""
+    rows = session.execute(
+        select(Job)
+        .where(Job.status == JobStatus.running.value)
+        .order_by(Job.updated_at)
+        .limit(limit)
+    ).scalars()
+    return [{**_brief(j), "progress": j.progress} for j in rows]
 
 
 def recent_failures(session: Session, limit: int = 10) -> list[dict[str, Any]]:
@@ -380,3 +447,33 @@ def list_messages(
         query = query.where(bad.exists())
     query = query.order_by(WebhookMessage.created_at.desc(), WebhookMessage.id).limit(limit)
     return list(session.execute(query).scalars())
+
+
+def thumbnails(session: Session, job_id: uuid.UUID) -> list[dict[str, Any]] | None:
+    """The job's thumbnails (inputs, then outputs, in order); None if there is no job."""
+    job = session.execute(
+        select(Job)
+        .where(Job.id == job_id)
+        .options(selectinload(Job.inputs), selectinload(Job.outputs))
+    ).scalar_one_or_none()
+    if job is None:
+        return None
+    found: list[dict[str, Any]] = [
+        {"kind": "inputs", "position": i.position, "filename": i.filename}
+        for i in sorted(job.inputs, key=lambda i: i.position)
+        if i.thumb_key
+    ]
+    found += [
+        {"kind": "outputs", "position": o.position, "filename": o.filename}
+        for o in sorted(job.outputs, key=lambda o: o.position)
+        if o.thumb_key
+    ]
+    return found
+
+
+def thumbnail_key(session: Session, job_id: uuid.UUID, kind: str, position: int) -> str | None:
+    """Where one thumbnail is in S3, if it was made."""
+    table = JobInput if kind == "inputs" else JobOutput
+    return session.execute(
+        select(table.thumb_key).where(table.job_id == job_id, table.position == position)
+    ).scalar_one_or_none()

@@ -2,8 +2,10 @@
 
 Each step re-reads the job, acts only if the job is where the step expects it, and moves
 it with a guarded transition, so a step run twice (redelivery, sweep, racing callback)
-does nothing the second time. Follow-up work is sent through ``TaskQueue`` after commit,
-except the copy of a succeeded job's outputs, which runs inline in the step that moved it to
+does nothing the second time. Every transaction is a unit of work (``service/uow.py``): the
+webhook messages of its moves, the wake-up of admission and the Celery sends it buffers
+with ``later`` follow its commit by themselves; no step pairs a move with them by hand. The
+exception is the copy of a succeeded job's outputs, which runs inline in the step that moved it to
 ``finalizing`` (one Celery hop less between Wiro's callback and the client's webhook).
 """
 
@@ -11,24 +13,26 @@ from __future__ import annotations
 
 import random
 import re
+import tempfile
 import uuid
+from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import IO, Any
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import case, delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from service import admission, jobs, metrics, tracing, webhooks
+from service import admission, fetch, jobs, metrics, privacy, thumbnails, tracing
 from service.container import Services
-from service.db import transaction
+from service.fetch import FetchError, FetchRefused
 from service.models import TERMINAL, Job, JobEvent, JobOutput, WiroStatusSeen
 from service.models import JobStatus as S
 from service.storage import StoredObject
+from service.uow import later, unit_of_work
 from service.wiro import (
     CODE_CONCURRENCY,
     Outcome,
@@ -73,19 +77,8 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
     against a redelivered message: only the first ``submit`` finds it unset.
     """
     token, token_hash = jobs.new_callback_token()
-    with transaction(svc.sessions) as s:
-        claimed = s.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.status == S.submitting,
-                Job.run_sent_at.is_(None),
-                Job.callback_token_hash.is_(None),
-            )
-            .values(callback_token_hash=token_hash)
-            .returning(Job.id)
-        ).scalar_one_or_none()
-        job = jobs.get(s, job_id) if claimed is not None else None
+    with unit_of_work(svc) as s:
+        job = jobs.claim_for_submit(s, job_id, token_hash)
     if job is None:
         return
     bound = log.bind(job_id=str(job_id))
@@ -97,8 +90,8 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
         _after_refusal(svc, job, exc, attempt)
         return
     except WiroRejected as exc:
-        with transaction(svc.sessions) as s:
-            failed = jobs.transition(
+        with unit_of_work(svc) as s:
+            jobs.transition(
                 s,
                 job_id,
                 S.failed,
@@ -107,17 +100,15 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
                 error_code="wiro_rejected",
                 error_message=exc.message,
             )
-        webhooks.announce(svc, failed)
-        admission.released(svc, failed)
         return
     except WiroUncertain as exc:
         # Wiro may hold a task for us. Never send a second Run: wait for the callback to
         # name the task (see reconcile), or for the sweep to give up on it.
         bound.warning("run_uncertain", error=exc.message)
-        with transaction(svc.sessions) as s:
+        with unit_of_work(svc) as s:
             jobs.note(s, job_id, "run_uncertain", exc.as_detail())
         return
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         moved = jobs.transition(
             s,
             job_id,
@@ -143,8 +134,7 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
             wiro_stop_next_at=func.now(),
         )
         current = jobs.get(s, job_id, full=False)
-    admission.run_accepted(svc)
-    webhooks.announce(svc, moved)
+        admission.run_accepted(s, svc.settings)
     structlog.contextvars.bind_contextvars(taskid=accepted.taskid)
     bound.info("run_accepted", taskid=accepted.taskid, moved=bool(moved), orphan=orphan)
     if orphan or (current is not None and current.cancel_requested_at is not None):
@@ -168,7 +158,7 @@ def _run(svc: Services, job: Job, callback: str) -> Any:
                 parts.append(RunInput(url=item.url))
         # From this commit on, Wiro may hold a task for this job. A job moved meanwhile (its
         # deadline passed) is not sent at all.
-        with transaction(svc.sessions) as s:
+        with unit_of_work(svc) as s:
             if not jobs.update_fields(s, job.id, when=[S.submitting], run_sent_at=func.now()):
                 raise _NotSent
         return svc.wiro.run(
@@ -202,8 +192,8 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
         admission.account_refused(svc, exc)
     age = (datetime.now(UTC) - job.created_at).total_seconds()
     if not busy and age > svc.settings.submit_deadline_s:
-        with transaction(svc.sessions) as s:
-            failed = jobs.transition(
+        with unit_of_work(svc) as s:
+            jobs.transition(
                 s,
                 job.id,
                 S.failed,
@@ -216,19 +206,13 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
                     else f"Wiro kept refusing the job for {int(age)} s: {exc.message}"
                 ),
             )
-        webhooks.announce(svc, failed)
-        admission.released(svc, failed)
         return
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         current = jobs.get(s, job.id, full=False)
         if current is not None and current.cancel_requested_at is not None:
             # Canceled while the Run was refused: Wiro has nothing, so cancel here.
-            canceled = jobs.transition(
-                s, job.id, S.canceled, from_=[S.submitting], detail={"by": "client"}
-            )
-            moved = None
+            jobs.transition(s, job.id, S.canceled, from_=[S.submitting], detail={"by": "client"})
         else:
-            canceled = None
             if exc.retry_after is not None:
                 delay = exc.retry_after
             elif account:
@@ -237,7 +221,10 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
                 delay = random.uniform(0.5, 2.0)  # the slot limit, not time, is the back-off
             else:
                 delay = backoff_s(_refusals(s, job.id))
-            moved = jobs.transition(
+            # Queued again (admission wakes: another job may take the slot now); this one
+            # is ready after ``delay``, which the admission loop's poll notices, as it does
+            # the next probe while admission is paused.
+            jobs.transition(
                 s,
                 job.id,
                 S.queued,
@@ -247,15 +234,6 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
                 callback_token_hash=None,
                 enqueued_at=func.now() + timedelta(seconds=delay),
             )
-    webhooks.announce(svc, canceled)
-    admission.released(svc, canceled)
-    if moved and account:
-        # The next probe is due when admission's pause says so (at most 30 s away).
-        admission.request(svc, countdown=admission.account_probe_delay(svc))
-    elif moved:
-        # Another queued job may take the slot now; this one is ready again after ``delay``.
-        admission.request(svc)
-        admission.request(svc, countdown=delay)
 
 
 def fail_while_paused(svc: Services) -> int:
@@ -265,8 +243,8 @@ def fail_while_paused(svc: Services) -> int:
     their own; they end as a refused job would at that age: ``wiro_unavailable``.
     """
     cfg = svc.settings
-    failed: list[jobs.Moved] = []
-    with transaction(svc.sessions) as s:
+    failed = 0
+    with unit_of_work(svc) as s:
         state = admission.account_state(s)
         if state is None:
             return 0
@@ -285,11 +263,8 @@ def fail_while_paused(svc: Services) -> int:
                     f"SUBMIT_DEADLINE_S ({int(cfg.submit_deadline_s)} s): {state['message']}"
                 ),
             )
-            if moved:
-                failed.append(moved)
-    for moved in failed:
-        webhooks.announce(svc, moved)
-    return len(failed)
+            failed += moved is not None
+    return failed
 
 
 def _refusals(s: Any, job_id: uuid.UUID) -> int:
@@ -321,7 +296,7 @@ def retry(svc: Services, job_id: uuid.UUID) -> int:
     into the retry event's detail before the job's Wiro fields are cleared, so that the new
     attempt gets a task of its own. Raises LookupError or NotRetryable.
     """
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         job = jobs.get(s, job_id, full=True)
         if job is None:
             raise LookupError(job_id)
@@ -362,7 +337,6 @@ def retry(svc: Services, job_id: uuid.UUID) -> int:
             raise NotRetryable(S.queued)
         # Outputs copied before the failure belonged to the old task.
         s.execute(delete(JobOutput).where(JobOutput.job_id == job_id))
-    admission.request(svc)
     return attempt
 
 
@@ -375,7 +349,7 @@ def reconcile(
     """Read the job's task from Task/Detail and act on it; the callback body is only a hint."""
     if source == "callback":
         metrics.CALLBACKS.inc()
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         job = jobs.get(s, job_id, full=False)
     if job is None or S(job.status).terminal:
         return
@@ -404,8 +378,8 @@ def _adopt(svc: Services, job: Job, taskid: str, *, source: str) -> None:
     if not _callback_is_ours(task.callbackurl, job):
         log.warning("adopt_refused", job_id=str(job.id), taskid=taskid)
         return
-    with transaction(svc.sessions) as s:
-        adopted = jobs.transition(
+    with unit_of_work(svc) as s:
+        jobs.transition(
             s,
             job.id,
             S.running,
@@ -417,8 +391,6 @@ def _adopt(svc: Services, job: Job, taskid: str, *, source: str) -> None:
             last_news_at=func.now(),
             next_poll_at=_first_poll(svc),
         )
-    webhooks.announce(svc, adopted)
-    admission.released(svc, adopted)
     apply_task(svc, job.id, task, source=source)
 
 
@@ -444,7 +416,7 @@ def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str)
     common: dict[str, Any] = {"wiro_status": task.status[:40], "last_news_at": func.now()}
     if task.totalcost is not None:
         common["wiro_cost"] = task.totalcost
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         if not task.known:
             _note_unknown_status(s, task.status)
         if outcome is Outcome.running:
@@ -486,8 +458,6 @@ def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str)
             )
     if moved:
         metrics.COMPLETIONS.labels(source, str(outcome)).inc()
-    webhooks.announce(svc, moved)
-    admission.released(svc, moved)
     if moved and outcome is Outcome.succeeded:
         # Inline, not a task hop: only the caller that moved the job gets here, and a crash
         # mid-copy leaves it in finalizing, which the sweep finalizes again (STUCK_AFTER_S).
@@ -528,8 +498,8 @@ def output_key(job_id: uuid.UUID, position: int, name: str) -> str:
 
 def finalize(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
     """Copy every output not yet copied from Wiro's URL into S3, then mark the job done."""
-    with transaction(svc.sessions) as s:
-        job = jobs.get(s, job_id)
+    with unit_of_work(svc) as s:
+        job = jobs.get(s, job_id, load=["outputs"])
     if job is None or job.status != S.finalizing:
         return
     done = {o.position for o in job.outputs}
@@ -537,17 +507,32 @@ def finalize(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
         if n in done:
             continue
         key = output_key(job_id, n, str(out.get("name") or f"{n}.png"))
+        spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)  # noqa: SIM115 - closed below
         try:
-            stored, ctype = copy_url(svc, str(out["url"]), key, str(out.get("content_type") or ""))
+            stored, ctype = copy_url(
+                svc, str(out["url"]), key, str(out.get("content_type") or ""), tee=spool
+            )
+            thumb = _output_thumbnail(svc, spool, thumbnails.key(job_id, "outputs", n))
         except (BotoCoreError, ClientError) as exc:
             # Our own storage failing is no reason to give up on the job: retry, uncounted.
             message = f"output {n}: storage: {type(exc).__name__}: {exc}"
             _finalize_failed(svc, job_id, attempt, message, counted=False)
             return
-        except (httpx.HTTPError, OutputError) as exc:
-            _finalize_failed(svc, job_id, attempt, f"output {n}: {type(exc).__name__}: {exc}")
+        except FetchError as exc:
+            # The client sees ``public`` only (no address, port or error text: the copy must
+            # not be a port scanner); the detail goes to our log.
+            log.warning("output_fetch_failed", job_id=str(job_id), output=n, error=str(exc))
+            _finalize_failed(
+                svc,
+                job_id,
+                attempt,
+                f"output {n}: {exc.public}",
+                final=isinstance(exc, FetchRefused),
+            )
             return
-        with transaction(svc.sessions) as s:
+        finally:
+            spool.close()
+        with unit_of_work(svc) as s:
             s.execute(
                 pg_insert(JobOutput)
                 .values(
@@ -559,45 +544,78 @@ def finalize(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
                     size=stored.size,
                     sha256=stored.sha256,
                     source_url=str(out["url"]),
+                    thumb_key=thumb,
                 )
                 .on_conflict_do_nothing()
             )
-    with transaction(svc.sessions) as s:
+    # WIRO_DELETE_AFTER_COPY: the delete at Wiro is due from the commit that says the
+    # outputs are safe in S3, so a worker lost right after still leaves it to the sweep.
+    cleanup: dict[str, Any] = (
+        {"wiro_delete_next_at": func.now()} if svc.settings.wiro_delete_after_copy else {}
+    )
+    with unit_of_work(svc) as s:
         succeeded = jobs.transition(
             s,
             job_id,
             S.succeeded,
             from_=[S.finalizing],
             detail={"outputs": len(job.wiro_outputs or [])},
+            **cleanup,
         )
-    webhooks.announce(svc, succeeded)
+    if succeeded and cleanup:
+        privacy.delete_at_wiro(svc, job_id)
 
 
-class OutputError(Exception):
-    """An output URL did not give us the file."""
+def copy_url(
+    svc: Services, url: str, key: str, content_type: str, *, tee: IO[bytes] | None = None
+) -> tuple[StoredObject, str]:
+    """Stream one output from Wiro's URL into S3 in bounded memory, through the guard (also
+    into ``tee``, a spooled file the thumbnail is made from, when given).
+
+    Stored under the type its bytes were sniffed to be, which must be the type Wiro
+    declared; FetchRefused / FetchFailed otherwise (``service/fetch.py``).
+    """
+    with fetch.open_url(url, svc.output_policy, expect=content_type) as got:
+        chunks = got.iter_bytes()
+        if tee is not None:
+            chunks = _teed(chunks, tee)
+        stored = svc.storage.put_stream(key, chunks, content_type=got.content_type)
+    return stored, got.content_type
 
 
-def copy_url(svc: Services, url: str, key: str, content_type: str) -> tuple[StoredObject, str]:
-    """Stream one output from its URL into S3 in bounded memory."""
-    with svc.http.stream("GET", url) as response:
-        if response.status_code != 200:
-            raise OutputError(f"GET {url} answered {response.status_code}")
-        ctype = content_type or response.headers.get("content-type", "application/octet-stream")
-        stored = svc.storage.put_stream(key, response.iter_bytes(1024 * 1024), content_type=ctype)
-        expected = response.headers.get("content-length")
-        if expected is not None and int(expected) != stored.size:
-            raise OutputError(f"GET {url} ended after {stored.size} of {expected} bytes")
-    return stored, ctype
+def _teed(chunks: Iterator[bytes], copy: IO[bytes]) -> Iterator[bytes]:
+    for chunk in chunks:
+        copy.write(chunk)
+        yield chunk
+
+
+def _output_thumbnail(svc: Services, spool: IO[bytes], key: str) -> str | None:
+    """Store a thumbnail of the output just copied (from its spooled copy); its key."""
+    data = thumbnails.make(spool)
+    if data is None:
+        return None
+    svc.storage.put_stream(key, iter([data]), content_type="image/jpeg")
+    return key
 
 
 def _finalize_failed(
-    svc: Services, job_id: uuid.UUID, attempt: int, message: str, *, counted: bool = True
+    svc: Services,
+    job_id: uuid.UUID,
+    attempt: int,
+    message: str,
+    *,
+    counted: bool = True,
+    final: bool = False,
 ) -> None:
-    """Retry a failed copy later; after FINALIZE_ATTEMPTS failures of Wiro's URL, fail."""
+    """Retry a failed copy later; after FINALIZE_ATTEMPTS failures of Wiro's URL, fail.
+
+    ``final``: the guard refused the output (host, address, size, content): the same URL
+    would be refused again, so the job fails at once.
+    """
     log.warning("finalize_failed", job_id=str(job_id), attempt=attempt, error=message)
-    if counted and attempt + 1 >= svc.settings.finalize_attempts:
-        with transaction(svc.sessions) as s:
-            failed = jobs.transition(
+    if final or (counted and attempt + 1 >= svc.settings.finalize_attempts):
+        with unit_of_work(svc) as s:
+            jobs.transition(
                 s,
                 job_id,
                 S.failed,
@@ -606,9 +624,8 @@ def _finalize_failed(
                 error_code="output_copy_failed",
                 error_message=message,
             )
-        webhooks.announce(svc, failed)
         return
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         jobs.note(s, job_id, "finalize_retry", {"attempt": attempt, "error": message})
         delay = backoff_s(attempt, base=2.0, cap=120.0) if counted else random.uniform(1, 10)
         jobs.update_fields(
@@ -617,7 +634,8 @@ def _finalize_failed(
             when=[S.finalizing],
             enqueued_at=func.now() + timedelta(seconds=delay),
         )
-    svc.queue.finalize(job_id, attempt=attempt + 1 if counted else attempt, countdown=delay)
+        next_attempt = attempt + 1 if counted else attempt
+        later(s, lambda: svc.queue.finalize(job_id, attempt=next_attempt, countdown=delay))
 
 
 # -- cancel ------------------------------------------------------------------------------
@@ -634,12 +652,11 @@ class NotCancelable(Exception):
 def request_cancel(svc: Services, job_id: uuid.UUID) -> bool:
     """Cancel locally when Wiro has nothing yet; otherwise stop the task there, for as long
     as it takes (the sweep keeps at it). True when the job is canceled already."""
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         canceled = jobs.transition(s, job_id, S.canceled, from_=[S.queued], detail={"by": "client"})
     if canceled is not None:
-        webhooks.announce(svc, canceled)
         return True
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         job = jobs.get(s, job_id, full=False)
         if job is None:
             raise LookupError(job_id)
@@ -657,7 +674,7 @@ def request_cancel(svc: Services, job_id: uuid.UUID) -> bool:
         )
         if asked:
             jobs.note(s, job_id, "cancel_requested", {"by": "client"})
-    svc.queue.cancel(job_id)
+        later(s, lambda: svc.queue.cancel(job_id))
     return False
 
 
@@ -670,7 +687,7 @@ def expire(svc: Services, job_id: uuid.UUID, *, reason: str) -> None:
     admission slot is free from this commit on, not from when Wiro confirms the stop.
     """
     cfg = svc.settings
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         if reason == "deadline":
             moved = jobs.transition(
                 s,
@@ -700,11 +717,8 @@ def expire(svc: Services, job_id: uuid.UUID, *, reason: str) -> None:
                 ),
                 wiro_stop_next_at=func.now(),
             )
-        stopping = moved is not None and moved.from_status != S.queued
-    webhooks.announce(svc, moved)
-    admission.released(svc, moved)
-    if stopping:
-        svc.queue.cancel(job_id)
+        if moved is not None and moved.from_status != S.queued:
+            later(s, lambda: svc.queue.cancel(job_id))
 
 
 STOP_LEASE = timedelta(seconds=60)
@@ -720,7 +734,7 @@ def stop_at_wiro(svc: Services, job_id: uuid.UUID) -> None:
     or the task's end. A running job then ends as Wiro says; a job that already ended here
     (deadline, timeout) only records how the task ended at Wiro.
     """
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         job = jobs.get(s, job_id, full=False)
     if job is None or job.wiro_stop_next_at is None:
         return
@@ -762,7 +776,7 @@ def stop_at_wiro(svc: Services, job_id: uuid.UUID) -> None:
         log.info("wiro_stop_refused", job_id=str(job_id), wiro_status=task and task.status, **tried)
         _stop_later(svc, job, {"wiro_status": task and task.status, **tried})
         return
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         first = jobs.update_fields(
             s,
             job_id,
@@ -782,7 +796,7 @@ def _stop_later(svc: Services, job: Job, why: dict[str, Any] | None) -> None:
     """Try the stop again after a backoff, or give up after WIRO_STOP_ATTEMPTS tries."""
     cfg = svc.settings
     attempt = job.wiro_stop_attempts
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         if attempt + 1 >= cfg.wiro_stop_attempts:
             jobs.update_fields(s, job.id, when=list(S), wiro_stop_next_at=None)
             jobs.note(s, job.id, "wiro_stop_abandoned", {"attempts": attempt + 1, **(why or {})})
@@ -808,7 +822,7 @@ def _stop_ended(svc: Services, job: Job, task: WiroTask | None) -> None:
     if task is not None and job.status == S.running:
         apply_task(svc, job.id, task, source="cancel")  # clears wiro_stop_next_at
         return
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         values: dict[str, Any] = {"wiro_stop_next_at": None}
         if task is not None:
             values["wiro_status"] = task.status[:40]

@@ -20,15 +20,33 @@ class Settings(BaseSettings):
     )
 
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/dreamgate"
+    # Behind PgBouncer in transaction pooling: DATABASE_URL names PgBouncer, this the
+    # PostgreSQL server itself (or a session-pooled PgBouncer) for the one LISTEN
+    # connection per gateway process, which a transaction pooler cannot carry. Empty:
+    # DATABASE_URL.
+    database_listen_url: str = ""
+    # True when DATABASE_URL is a transaction pooler (PgBouncer before 1.21 keeps no
+    # prepared statements across transactions): psycopg then prepares none.
+    database_transaction_pooling: bool = False
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The Celery broker: empty means REDIS_URL. ``amqp://user:pass@host:5672/vhost`` runs
+    # the queues on RabbitMQ (quorum queues, publisher confirms); Redis is still used for
+    # the submit rate limit and beat's leader lease.
+    broker_url: str = ""
 
     s3_endpoint_url: str | None = None
+    # The S3 endpoint as clients outside (browsers, other hosts) reach it: presigned URLs
+    # are signed for this host. Unset: the same as S3_ENDPOINT_URL. Compose needs it,
+    # since http://minio:9000 resolves only inside the compose network.
+    s3_public_endpoint_url: str | None = None
     s3_bucket: str = "dreamgate"
     s3_region: str = "us-east-1"
     presign_ttl_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
-    # Days that outputs (outputs/ in the bucket) are kept; 0 keeps them forever. Applied as
-    # an S3 lifecycle rule on the outputs/ prefix by `dreamgate migrate --ensure-bucket`.
+    # Days that outputs (outputs/ in the bucket) and uploaded inputs (inputs/) are kept; 0
+    # keeps them forever. Applied as S3 lifecycle rules of our own on those prefixes by
+    # `dreamgate migrate --ensure-bucket` (other rules on the bucket are left alone).
     output_retention_days: int = Field(0, ge=0)
+    input_retention_days: int = Field(0, ge=0)
     # Seconds between keep-alive comments on an idle SSE stream (GET /v1/jobs/{id}/events).
     sse_keepalive_s: float = Field(15.0, gt=0)
 
@@ -37,6 +55,10 @@ class Settings(BaseSettings):
     wiro_api_secret: SecretStr | None = None
     wiro_model: str = "xiabs/dreamomni2"
     wiro_timeout_s: float = Field(30.0, gt=0)
+    # Wiro's websocket of live task progress, followed by `dreamgate progress`.
+    wiro_socket_url: str = "wss://socket.wiro.ai/v1"
+    # How often the progress process looks for running jobs to follow (and drops ended ones).
+    progress_scan_s: float = Field(1.0, gt=0)
 
     public_url: str = "http://127.0.0.1:8000"
     callback_grace_s: float = Field(60.0, gt=0)
@@ -54,6 +76,12 @@ class Settings(BaseSettings):
     wiro_max_in_flight: int = Field(8, ge=1)
     wiro_admission_increase_after: int = Field(10, ge=1)
     wiro_admission_probe_after: int = Field(500, ge=1)
+    # The admission loop passes on every wake-up and at least this often (delayed re-queues,
+    # account probes, a wake-up lost with a connection).
+    admission_poll_s: float = Field(1.0, gt=0)
+    # A freed slot waits this long for the slots freed with it, so one pass fills them all
+    # (a newly queued job never waits for it).
+    admission_coalesce_s: float = Field(0.05, ge=0)
     # -- Wiro's tasks: deadlines and stopping (docs/decisions/0014) --
     # A task at Wiro longer than this (from its Run) is stopped there and the job fails
     # ``wiro_task_timeout``; its admission slot is freed at once.
@@ -65,8 +93,32 @@ class Settings(BaseSettings):
     # While Wiro refuses our account (credentials, balance), one probe Run at most this
     # far apart (backing off from 1 s): a fixed key is noticed within this long.
     wiro_account_probe_max_s: float = Field(30.0, gt=0)
+    # Once a job's outputs are in S3, ask Wiro to delete the task's inputs and outputs
+    # (Task/InputOutputDelete); a failure never fails the job and is tried again by the
+    # sweep, at most WIRO_DELETE_ATTEMPTS times in all.
+    wiro_delete_after_copy: bool = False
+    wiro_delete_attempts: int = Field(5, ge=1)
     finalize_attempts: int = Field(5, ge=1)
     output_read_timeout_s: float = Field(60.0, gt=0)
+    # -- hostile upstreams and inputs (issue 13; service/fetch.py) --
+    # Where Wiro's outputs may be downloaded from, every redirect hop included: ``host`` or
+    # ``host:port``, comma-separated. A ``host:port`` entry names one service and is
+    # trusted although it may be internal (the dev stack's simulator, 127.0.0.1:8100); a
+    # bare ``host`` must resolve to public addresses. Default: Wiro's CDN hosts (the seed
+    # page's output URLs).
+    wiro_output_hosts: str = "cdn1.wiro.ai,cdn.wiro.ai"
+    # Total time one output's download may take (each read also times out at
+    # OUTPUT_READ_TIMEOUT_S), and the most bytes it may have.
+    output_read_deadline_s: float = Field(300.0, gt=0)
+    max_output_bytes: int = Field(100 * 1024 * 1024, ge=1024)
+    # The most pixels an image (upload, image URL or output) may claim: decompression bombs.
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    # The largest application/json request body, refused while it streams in.
+    max_json_bytes: int = Field(1024 * 1024, ge=1024)
+    # Image URLs are refused at submit (422 image_url_not_allowed) when their host resolves
+    # to a loopback/private/link-local/metadata address, unless listed here (names, IPs or
+    # CIDR networks, comma-separated), as WEBHOOK_ALLOW_HOSTS.
+    image_url_allow_hosts: str = ""
 
     max_images: int = Field(4, ge=1)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
@@ -106,6 +158,31 @@ class Settings(BaseSettings):
     def webhook_allow_list(self) -> tuple[str, ...]:
         """The entries of WEBHOOK_ALLOW_HOSTS."""
         return tuple(h.strip() for h in self.webhook_allow_hosts.split(",") if h.strip())
+
+    @field_validator("wiro_output_hosts")
+    @classmethod
+    def _hosts_parse(cls, value: str) -> str:
+        from service.fetch import parse_hosts
+
+        parse_hosts(value)
+        return value
+
+    @property
+    def output_hosts(self) -> frozenset[tuple[str, int | None]]:
+        """The entries of WIRO_OUTPUT_HOSTS as (host, port or None)."""
+        from service.fetch import parse_hosts
+
+        return parse_hosts(self.wiro_output_hosts)
+
+    @property
+    def image_url_allow_list(self) -> tuple[str, ...]:
+        """The entries of IMAGE_URL_ALLOW_HOSTS."""
+        return tuple(h.strip() for h in self.image_url_allow_hosts.split(",") if h.strip())
+
+    @property
+    def celery_broker_url(self) -> str:
+        """The broker Celery connects to: BROKER_URL, else REDIS_URL."""
+        return self.broker_url or self.redis_url
 
     def secret_values(self) -> list[str]:
         """Configured secrets, so the logs can scrub them wherever they appear."""

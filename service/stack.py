@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service import devenv
 from service.embedded import (
     EmbeddedPostgres,
     ManagedProcess,
@@ -67,6 +68,19 @@ class Ports:
     s3: int = 59000
 
 
+class PortInUse(RuntimeError):
+    """A port the stack would start a server on already answers: someone else's server."""
+
+
+def _free_or_fail(name: str, port: int, setting: str | None) -> None:
+    # Starting anyway would be worse than failing: a server that cannot bind exits, but
+    # wait_for_port would see the other one answer, and the stack would use (and on its
+    # way out stop) a server it does not own.
+    if port_open(port):
+        how = f"set {setting} to use it, or free the port" if setting else "free the port"
+        raise PortInUse(f"{name}: 127.0.0.1:{port} is already in use ({how})")
+
+
 @dataclass
 class Stack:
     """Starts what ``env`` does not already point at, then the service's processes."""
@@ -82,6 +96,8 @@ class Stack:
     redis: ManagedProcess | None = None
     s3: ManagedProcess | None = None
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
+    # The variables this stack chose itself (embedded servers' URLs, the simulator's key).
+    chosen: dict[str, str] = field(default_factory=dict)
 
     @property
     def logs(self) -> Path:
@@ -93,21 +109,67 @@ class Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = self.env
         self.reset_metrics()
+        # Each server is remembered only once it started: stop() must never stop a server
+        # this stack did not start (such as another dev stack's, on the same data folder).
         if not env.get("DATABASE_URL"):
-            self.postgres = EmbeddedPostgres(self.data_dir / "postgres", self.ports.postgres)
-            self.postgres.start()
-            env["DATABASE_URL"] = self.postgres.create_database(database)
+            _free_or_fail("postgres", self.ports.postgres, "DATABASE_URL")
+            postgres = EmbeddedPostgres(self.data_dir / "postgres", self.ports.postgres)
+            postgres.start()
+            self.postgres = postgres
+            self.choose("DATABASE_URL", postgres.create_database(database))
         if not env.get("REDIS_URL"):
-            self.redis = redis_server(self.data_dir / "redis", self.ports.redis)
-            self.redis.start()
-            env["REDIS_URL"] = f"redis://127.0.0.1:{self.ports.redis}/0"
+            _free_or_fail("redis", self.ports.redis, "REDIS_URL")
+            redis = redis_server(self.data_dir / "redis", self.ports.redis)
+            redis.start()
+            self.redis = redis
+            self.choose("REDIS_URL", f"redis://127.0.0.1:{self.ports.redis}/0")
         if not env.get("S3_ENDPOINT_URL"):
-            self.s3 = s3_server(self.ports.s3, log=self.logs / "s3.log")
-            self.s3.start()
-            env["S3_ENDPOINT_URL"] = f"http://127.0.0.1:{self.ports.s3}"
-            env.setdefault("AWS_ACCESS_KEY_ID", "embedded")
-            env.setdefault("AWS_SECRET_ACCESS_KEY", "embedded")
-        env.setdefault("PUBLIC_URL", f"http://127.0.0.1:{self.ports.api}")
+            _free_or_fail("s3", self.ports.s3, "S3_ENDPOINT_URL")
+            s3 = s3_server(self.ports.s3, log=self.logs / "s3.log")
+            s3.start()
+            self.s3 = s3
+            self.choose("S3_ENDPOINT_URL", f"http://127.0.0.1:{self.ports.s3}")
+            if "AWS_ACCESS_KEY_ID" not in env:
+                self.choose("AWS_ACCESS_KEY_ID", "embedded")
+            if "AWS_SECRET_ACCESS_KEY" not in env:
+                self.choose("AWS_SECRET_ACCESS_KEY", "embedded")
+        if "PUBLIC_URL" not in env:
+            self.choose("PUBLIC_URL", f"http://127.0.0.1:{self.ports.api}")
+
+    def choose(self, name: str, value: str) -> None:
+        """Set a variable the stack decided on itself (what `.dreamgate/env` records)."""
+        self.env[name] = value
+        self.chosen[name] = value
+
+    def write_env_file(self) -> Path:
+        """Record the addresses this stack chose, for every other `dreamgate` command."""
+        path = self.data_dir / devenv.ENV_FILE
+        devenv.write_env(
+            path, {**self.chosen, "DREAMGATE_URL": f"http://127.0.0.1:{self.ports.api}"}
+        )
+        return path
+
+    def servers(self) -> dict[str, int | None]:
+        """The pid of each server and process this stack started (None: not running)."""
+        out: dict[str, int | None] = {}
+        if self.postgres is not None:
+            out["postgres"] = self.postgres.pid()
+        for name, proc in (("redis", self.redis), ("s3", self.s3), *self.processes.items()):
+            if proc is not None:
+                out[name] = proc.proc.pid if proc.running and proc.proc else None
+        return out
+
+    def dead(self) -> list[str]:
+        """The servers and processes this stack started that are no longer running."""
+        return [name for name, pid in self.servers().items() if pid is None]
+
+    def log_of(self, name: str) -> Path:
+        """Where the server or process ``name`` writes its log."""
+        if name == "postgres" and self.postgres is not None:
+            return self.postgres.log
+        if name == "redis" and self.redis is not None and self.redis.log is not None:
+            return self.redis.log
+        return self.logs / f"{name}.log"
 
     def reset_metrics(self) -> None:
         """A fresh folder for prometheus_client's multiprocess files, shared by the gateway
@@ -131,10 +193,14 @@ class Stack:
             WIROSIM_API_KEY=SIM_KEY,
             WIROSIM_API_SECRET=SIM_SECRET,
             WIROSIM_PUBLIC_URL=sim_url,
-            WIRO_BASE_URL=f"{sim_url}/v1",
-            WIRO_API_KEY=SIM_KEY,
-            WIRO_API_SECRET=SIM_SECRET,
         )
+        self.choose("WIRO_BASE_URL", f"{sim_url}/v1")
+        self.choose("WIRO_SOCKET_URL", f"ws://127.0.0.1:{self.ports.sim}/v1")
+        self.choose("WIRO_API_KEY", SIM_KEY)
+        self.choose("WIRO_API_SECRET", SIM_SECRET)
+        # The simulator serves the outputs itself, from loopback: name it, and only it.
+        if "WIRO_OUTPUT_HOSTS" not in env:
+            self.choose("WIRO_OUTPUT_HOSTS", f"127.0.0.1:{self.ports.sim}")
         self.start_process("sim", ["sim", "--port", str(self.ports.sim)], self.ports.sim)
 
     def start_process(self, name: str, args: list[str], port: int | None) -> ManagedProcess:
@@ -142,6 +208,8 @@ class Stack:
         old = self.processes.get(name)
         if old is not None:
             old.stop()
+        elif port is not None:
+            _free_or_fail(name, port, None)
         proc = self.processes[name] = self._proc(name, args, port)
         proc.start(timeout=60)
         return proc
@@ -175,8 +243,7 @@ class Stack:
                 capture_output=True,
                 text=True,
             )
-            path.write_text(out.stdout.strip() + "\n")
-            path.chmod(0o600)
+            devenv.write_secret(path, out.stdout.strip())
         return path.read_text().strip()
 
     def start_service(self) -> None:
@@ -186,6 +253,11 @@ class Stack:
         self.start_process(
             "beat", ["beat", "--schedule", str(self.data_dir / "beat-schedule")], None
         )
+        self.start_progress()
+
+    def start_progress(self) -> ManagedProcess:
+        """``dreamgate progress``: the websocket follower of running jobs (display only)."""
+        return self.start_process("progress", ["progress"], None)
 
     def start_worker(self, name: str = "worker") -> ManagedProcess:
         """A Celery worker process (several may run)."""

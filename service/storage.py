@@ -37,6 +37,21 @@ SPOOL_BYTES = 4 * 1024 * 1024
 SMALL_STREAM_BYTES = 4 * 1024 * 1024
 
 
+# Lifecycle rules with these ids are ours (``set_retention``); any other is left alone.
+RULE_PREFIX = "dreamgate-"
+_RULE_NAMES = {"outputs/": "output-retention", "inputs/": "input-retention"}
+
+
+def retention_rule_id(prefix: str) -> str:
+    """The id of our lifecycle rule for a key prefix (``dreamgate-output-retention``)."""
+    name = _RULE_NAMES.get(prefix) or prefix.strip("/").replace("/", "-") + "-retention"
+    return RULE_PREFIX + name
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
 @dataclass(frozen=True)
 class StoredObject:
     """What was written: where, how many bytes, and their sha256."""
@@ -140,31 +155,46 @@ def _remaining(source: IO[bytes] | Iterator[bytes]) -> int | None:
     return end - start
 
 
+def _client(endpoint_url: str | None, region: str) -> S3Client:
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=region,
+        config=Config(
+            retries={"mode": "standard", "max_attempts": 5},
+            connect_timeout=5,
+            read_timeout=60,
+            s3={"addressing_style": "path"} if endpoint_url else None,
+            # moto and older S3-compatible servers reject the new default checksums.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
+
+
 class Storage:
     """One bucket on an S3-compatible server."""
 
-    def __init__(self, client: S3Client, bucket: str) -> None:
+    def __init__(self, client: S3Client, bucket: str, *, signer: S3Client | None = None) -> None:
         self._s3 = client
+        # Presigned URLs are signed for the host they name: a client of the public
+        # endpoint (S3_PUBLIC_ENDPOINT_URL) signs them when the servers' address differs.
+        self._signer = signer or client
         self.bucket = bucket
 
     @classmethod
-    def from_settings(cls, *, endpoint_url: str | None, region: str, bucket: str) -> Storage:
+    def from_settings(
+        cls,
+        *,
+        endpoint_url: str | None,
+        region: str,
+        bucket: str,
+        public_endpoint_url: str | None = None,
+    ) -> Storage:
         """A client built from our settings; credentials come from boto3's usual chain."""
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region,
-            config=Config(
-                retries={"mode": "standard", "max_attempts": 5},
-                connect_timeout=5,
-                read_timeout=60,
-                s3={"addressing_style": "path"} if endpoint_url else None,
-                # moto and older S3-compatible servers reject the new default checksums.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
-        )
-        return cls(client, bucket)
+        client = _client(endpoint_url, region)
+        signer = _client(public_endpoint_url, region) if public_endpoint_url else None
+        return cls(client, bucket, signer=signer)
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it is missing (embedded and test servers start empty)."""
@@ -174,27 +204,49 @@ class Storage:
             self._s3.create_bucket(Bucket=self.bucket)
 
     def set_output_retention(self, days: int) -> None:
-        """Expire ``outputs/`` after ``days`` days by a lifecycle rule; 0 removes the rule.
+        """Expire ``outputs/`` after ``days`` days (0: keep them); see ``set_retention``."""
+        self.set_retention({"outputs/": days})
 
-        S3 itself deletes the copies, so retention costs the service nothing at run time.
-        Inputs are kept: a job can be retried or audited from them.
+    def set_retention(self, days_by_prefix: dict[str, int]) -> list[dict[str, Any]]:
+        """Make our own lifecycle rules say ``days_by_prefix`` (0 or less: no rule), and
+        leave every other rule on the bucket as it is; returns the rules now in force.
+
+        S3 has no call that adds one rule: the whole configuration is read, our rules
+        (``RULE_PREFIX`` + the prefix) replaced, and written back (or deleted when nothing
+        is left). Two of these racing can lose one write; run it from one place (``dreamgate
+        migrate --ensure-bucket``). S3 itself deletes the copies, so retention costs the
+        service nothing at run time.
         """
-        if days <= 0:
-            self._s3.delete_bucket_lifecycle(Bucket=self.bucket)
-            return
-        self._s3.put_bucket_lifecycle_configuration(
-            Bucket=self.bucket,
-            LifecycleConfiguration={
-                "Rules": [
+        try:
+            current = list(
+                self._s3.get_bucket_lifecycle_configuration(Bucket=self.bucket).get("Rules", [])
+            )
+        except ClientError as exc:
+            if _error_code(exc) != "NoSuchLifecycleConfiguration":
+                raise
+            current = []
+        ours = {retention_rule_id(p) for p in days_by_prefix}
+        rules: list[dict[str, Any]] = [dict(r) for r in current if r.get("ID") not in ours]
+        for prefix, days in sorted(days_by_prefix.items()):
+            if days > 0:
+                rules.append(
                     {
-                        "ID": "dreamgate-output-retention",
-                        "Filter": {"Prefix": "outputs/"},
+                        "ID": retention_rule_id(prefix),
+                        "Filter": {"Prefix": prefix},
                         "Status": "Enabled",
                         "Expiration": {"Days": days},
                     }
-                ]
-            },
-        )
+                )
+        if rules == [dict(r) for r in current]:
+            return rules
+        if rules:
+            self._s3.put_bucket_lifecycle_configuration(
+                Bucket=self.bucket,
+                LifecycleConfiguration={"Rules": rules},  # type: ignore[typeddict-item]  # rules read back from S3
+            )
+        else:
+            self._s3.delete_bucket_lifecycle(Bucket=self.bucket)
+        return rules
 
     def ping(self) -> None:
         """Raise unless the bucket answers."""
@@ -298,6 +350,6 @@ class Storage:
 
     def presigned_get(self, key: str, *, ttl_s: int) -> str:
         """A time-limited GET URL for ``key``."""
-        return self._s3.generate_presigned_url(
+        return self._signer.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=ttl_s
         )

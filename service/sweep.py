@@ -11,10 +11,10 @@ from datetime import timedelta
 
 import structlog
 
-from service import admission, jobs, metrics, pipeline, webhooks
+from service import admission, jobs, metrics, pipeline, privacy, webhooks
 from service.container import Services
-from service.db import transaction
 from service.models import JobStatus as S
+from service.uow import unit_of_work
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +34,7 @@ class SweepReport:
     refinalized: int = 0
     webhooks_dispatched: int = 0
     webhooks_resent: int = 0
+    wiro_deletes: int = 0
 
 
 # A job event (older than STUCK_AFTER_S) whose webhook dispatch made no message was lost on
@@ -49,14 +50,14 @@ def sweep(svc: Services) -> SweepReport:
     report = SweepReport()
     metrics.SWEEPS.inc()
 
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         polls = jobs.due_polls(s, grace=grace, batch=cfg.sweep_batch)
     for job_id in polls:
         svc.queue.reconcile(job_id, source="sweep")
     report.polled = len(polls)
 
     # Claimed for submit, but the Run never left (worker died first): safe to send again.
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         unsent = jobs.stale(
             s, S.submitting, older_than=stuck, batch=cfg.sweep_batch, run_sent_at=None
         )
@@ -77,16 +78,16 @@ def sweep(svc: Services) -> SweepReport:
     # A Run that may have reached Wiro and never named its task: fail rather than risk two.
     # One whose callback named a task (the reconcile it asked for may have been lost with a
     # worker) is adopted through Task/Detail instead, until twice the wait has passed.
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         uncertain = jobs.uncertain_runs(
             s, older_than=timedelta(seconds=cfg.run_uncertain_wait_s), batch=cfg.sweep_batch
         )
         hinted = [u for u in uncertain if u.hint and not u.expired]
-        failed: list[jobs.Moved] = []
+        failed = 0
         for run in uncertain:
             if run.hint and not run.expired:
                 continue
-            if gave_up := jobs.transition(
+            if jobs.transition(
                 s,
                 run.job_id,
                 S.failed,
@@ -98,21 +99,19 @@ def sweep(svc: Services) -> SweepReport:
                     "it was not sent again to avoid a second task."
                 ),
             ):
-                failed.append(gave_up)
-    for gave_up in failed:
-        webhooks.announce(svc, gave_up)
-    report.failed_uncertain = len(failed)
+                failed += 1
+    report.failed_uncertain = failed
     for run in hinted:
         svc.queue.reconcile(run.job_id, source="sweep", taskid=run.hint)
 
     # Deadlines: each job past its Cancel-After, or at Wiro past WIRO_TASK_TIMEOUT_S, ends
     # at once (its slot is free for the admission pass below); its task is stopped after.
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         late = jobs.past_deadline(s, batch=cfg.sweep_batch)
     for job_id in late:
         pipeline.expire(svc, job_id, reason="deadline")
     report.deadlines = len(late)
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         over = jobs.timed_out(
             s, older_than=timedelta(seconds=cfg.wiro_task_timeout_s), batch=cfg.sweep_batch
         )
@@ -121,7 +120,7 @@ def sweep(svc: Services) -> SweepReport:
     report.timeouts = len(over)
 
     # Tasks to stop at Wiro whose next try is due (refused, not yet confirmed, lost message).
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         stops = jobs.due_stops(s, lease=pipeline.STOP_LEASE, batch=cfg.sweep_batch)
     for job_id in stops:
         svc.queue.cancel(job_id)
@@ -135,7 +134,7 @@ def sweep(svc: Services) -> SweepReport:
     # worker killed before ack) and the slots the repairs above just freed.
     report.resubmitted = len(admission.admit(svc))
 
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         finalizing = jobs.stale(s, S.finalizing, older_than=stuck, batch=cfg.sweep_batch)
     for job in finalizing:
         svc.queue.finalize(job.id)
@@ -143,7 +142,7 @@ def sweep(svc: Services) -> SweepReport:
 
     # Webhooks: job events whose dispatch was lost, and attempts whose message was lost
     # (or a long wait the broker was not asked to hold, now due).
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         events = webhooks.undispatched_events(
             s,
             older_than=stuck,
@@ -153,11 +152,17 @@ def sweep(svc: Services) -> SweepReport:
     for event_id in events:
         svc.queue.webhook_dispatch(event_id)
     report.webhooks_dispatched = len(events)
-    with transaction(svc.sessions) as s:
+    with unit_of_work(svc) as s:
         late = webhooks.claim_late(s, older_than=stuck, batch=cfg.sweep_batch)
     for message_id in late:
         svc.queue.webhook_deliver(message_id)
     report.webhooks_resent = len(late)
+
+    # WIRO_DELETE_AFTER_COPY: deletes at Wiro that failed (or whose worker died) and are due.
+    deletes = privacy.due_deletes(svc, batch=cfg.sweep_batch)
+    for job_id in deletes:
+        svc.queue.wiro_delete(job_id)
+    report.wiro_deletes = len(deletes)
 
     if any(asdict(report).values()):
         log.info("sweep", **asdict(report))

@@ -24,10 +24,12 @@ from ``POST /v1/jobs`` to the webhook POST. The callback's ``token`` never reach
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 if TYPE_CHECKING:
@@ -84,6 +86,27 @@ def callback_query() -> str:
     propagate.inject(carrier)
     value = carrier.get("traceparent")
     return f"&traceparent={value}" if value else ""
+
+
+def carrier() -> dict[str, str]:
+    """The current trace context as W3C headers (empty when nothing records)."""
+    headers: dict[str, str] = {}
+    propagate.inject(headers)
+    return headers
+
+
+@contextmanager
+def continued(headers: Mapping[str, str] | None) -> Iterator[None]:
+    """Run the block in the trace context ``headers`` carry (from ``carrier``), if any:
+    work done later for a request (an admission pass's submit) joins its trace."""
+    if not headers:
+        yield
+        return
+    token = otel_context.attach(propagate.extract(dict(headers)))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 def current_ids() -> dict[str, str]:

@@ -94,6 +94,16 @@ class JobMetrics(BaseModel):
     total_s: float | None = Field(None, description="From submission to `completed_at`.")
 
 
+class JobProgress(BaseModel):
+    """Live progress of the task at Wiro, from Wiro's websocket (display only; absent
+    until Wiro reports any, and once the job leaves running)."""
+
+    percentage: float = Field(examples=[48.0])
+    step: int | None = Field(None, examples=[12])
+    steps: int | None = Field(None, examples=[25])
+    eta_s: float | None = Field(None, description="Seconds left at the pace so far.")
+
+
 class JobUrls(BaseModel):
     """The job's own links, on the gateway's PUBLIC_URL."""
 
@@ -279,6 +289,11 @@ class JobOut(BaseModel):
         "the pace of the last 50 (absent without such history).",
     )
     wiro: WiroInfo
+    progress: JobProgress | None = Field(
+        None,
+        description="While running: the task's progress at Wiro (`percentage`, `step`, "
+        "`steps`, `eta_s`), from Wiro's websocket; display only.",
+    )
     inputs: list[InputOut] | None = None
     outputs: list[OutputOut]
     error: ErrorOut | None
@@ -355,6 +370,9 @@ def job_out(
             cost=None if job.wiro_cost is None else format(job.wiro_cost.normalize(), "f"),
             stopping=job.wiro_stop_next_at is not None,
         ),
+        progress=JobProgress.model_validate(job.progress)
+        if job.progress and job.status == JobStatus.running
+        else None,
         inputs=[InputOut.model_validate(i) for i in job.inputs] if full else None,
         outputs=[
             OutputOut(
@@ -382,6 +400,8 @@ def job_out(
                 detail=e.detail,
             )
             for e in job.events
+            # Progress notes are for the SSE stream and webhooks; `progress` shows the newest.
+            if e.kind != "progress"
         ]
         if full
         else None,

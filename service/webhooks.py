@@ -37,6 +37,7 @@ import httpx
 import structlog
 from sqlalchemy import String, cast, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
@@ -54,6 +55,14 @@ EVENT_TYPES: dict[str, str] = {
     JobStatus.failed: "job.failed",
     JobStatus.canceled: "job.canceled",
 }
+# Events that are not transitions but notes (``jobs.note`` kinds) a client may hear of.
+# ``job.progress`` is sent only to a job that asks for it in ``webhook_events``.
+NOTE_EVENT_TYPES: dict[str, str] = {
+    "budget_warning": "key.budget_warning",
+    "progress": "job.progress",
+}
+OPT_IN_EVENTS = frozenset({"job.progress"})
+NEVER_RETRIED = frozenset({"job.progress"})
 # Waits longer than this are not given to the broker as a countdown (Redis would hold the
 # message for hours, past its expiry and visibility timeout): the sweep sends them when due.
 LONGEST_COUNTDOWN_S = 600.0
@@ -69,7 +78,7 @@ USER_AGENT = f"dreamgate-webhooks/{__version__}"
 
 def announce(svc: Services, moved: jobs.Moved | None) -> None:
     """After the commit of a transition: make its webhook message now, if clients hear of it."""
-    if moved is None or moved.to_status not in EVENT_TYPES:
+    if moved is None or not moved.hooked or moved.to_status not in EVENT_TYPES:
         return
     try:
         dispatch(svc, moved.event_id)
@@ -86,12 +95,12 @@ def dispatch(svc: Services, job_event_id: int) -> uuid.UUID | None:
             .join(Job, Job.id == JobEvent.job_id)
             .where(JobEvent.id == job_event_id)
         ).one_or_none()
-        if wanted is None or wanted.kind != "transition" or wanted.to_status not in EVENT_TYPES:
+        if wanted is None:
             return None
-        event_type = EVENT_TYPES[wanted.to_status]
-        if not wanted.webhook_url:
+        event_type = _event_type(wanted.kind, wanted.to_status)
+        if event_type is None or not wanted.webhook_url:
             return None
-        if wanted.webhook_events is not None and event_type not in wanted.webhook_events:
+        if not wants(wanted.webhook_events, event_type):
             return None
         event = s.get(JobEvent, job_event_id)
         job = jobs.get(s, event.job_id) if event is not None else None
@@ -99,6 +108,10 @@ def dispatch(svc: Services, job_event_id: int) -> uuid.UUID | None:
             return None
         message_id = uuid.uuid4()
         delay = svc.settings.webhook_schedule[0]
+        if event.kind == "budget_warning":
+            body = render_note(event_type, event.at, {**event.detail, "job_id": str(job.id)})
+        else:
+            body = render_body(svc, job, event_type, event.at)
         inserted = s.execute(
             pg_insert(WebhookMessage)
             .values(
@@ -108,7 +121,7 @@ def dispatch(svc: Services, job_event_id: int) -> uuid.UUID | None:
                 job_event_id=event.id,
                 event_type=event_type,
                 url=job.webhook_url,
-                body=render_body(svc, job, event_type, event.at),
+                body=body,
                 status="pending",
                 attempts=0,
                 next_attempt_at=func.now() + timedelta(seconds=delay),
@@ -120,6 +133,27 @@ def dispatch(svc: Services, job_event_id: int) -> uuid.UUID | None:
         return None
     _schedule(svc, inserted, delay)
     return inserted
+
+
+def _event_type(kind: str, to_status: str | None) -> str | None:
+    """The webhook event a timeline row makes, if any."""
+    if kind == "transition":
+        return EVENT_TYPES.get(to_status or "")
+    return NOTE_EVENT_TYPES.get(kind)
+
+
+def wants(webhook_events: list[str] | None, event_type: str) -> bool:
+    """Whether a job's ``webhook_events`` asks for ``event_type`` (None: every event but
+    the opt-in ones)."""
+    if webhook_events is None:
+        return event_type not in OPT_IN_EVENTS
+    return event_type in webhook_events
+
+
+def render_note(event_type: str, at: datetime, data: dict[str, object]) -> str:
+    """The JSON body of an event about something other than the job's state."""
+    payload = {"type": event_type, "timestamp": at.astimezone(UTC).isoformat(), "data": data}
+    return json.dumps(payload, separators=(",", ":"))
 
 
 def render_body(svc: Services, job: Job, event_type: str, at: datetime) -> str:
@@ -208,6 +242,7 @@ def deliver(svc: Services, message_id: uuid.UUID, *, replay: bool = False) -> At
                 WebhookMessage.url,
                 WebhookMessage.body,
                 WebhookMessage.job_id,
+                WebhookMessage.event_type,
             )
         ).one_or_none()
     if claimed is None:
@@ -235,33 +270,17 @@ def deliver(svc: Services, message_id: uuid.UUID, *, replay: bool = False) -> At
             allow=ssrf.AllowList.parse(cfg.webhook_allow_list),
             timeout_s=cfg.webhook_timeout_s,
         )
+    if claimed.event_type in NEVER_RETRIED and not result.ok:
+        # Intermediate news, as Replicate's: the next one is on its way, no retry.
+        result = AttemptResult(
+            status_code=result.status_code,
+            latency_ms=result.latency_ms,
+            error=result.error or f"answered {result.status_code}",
+            excerpt=result.excerpt,
+            permanent=True,
+        )
     delay = _next_delay(schedule, attempt, result)
-    with transaction(svc.sessions) as s:
-        s.execute(
-            pg_insert(WebhookDelivery).values(
-                message_id=message_id,
-                attempt=attempt,
-                status_code=result.status_code,
-                latency_ms=result.latency_ms,
-                error=result.error,
-                response_excerpt=result.excerpt,
-            )
-        )
-        if result.ok:
-            values: dict[str, object] = {"status": "delivered", "next_attempt_at": None}
-        elif delay is None:
-            values = {"status": "failed", "next_attempt_at": None}
-        else:
-            values = {"next_attempt_at": func.now() + timedelta(seconds=delay)}
-        s.execute(
-            update(WebhookMessage)
-            .where(
-                WebhookMessage.id == message_id,
-                WebhookMessage.status == "pending",
-                WebhookMessage.attempts == attempt,
-            )
-            .values(**values)
-        )
+    _record(svc, message_id, attempt, result, delay)
     metrics.WEBHOOK_DELIVERIES.labels(
         "delivered" if result.ok else ("failed" if delay is None else "retry")
     ).inc()
@@ -275,6 +294,62 @@ def deliver(svc: Services, message_id: uuid.UUID, *, replay: bool = False) -> At
     if not result.ok and delay is not None:
         _schedule(svc, message_id, delay)
     return result
+
+
+# Pauses between tries of recording an attempt's outcome (about 8 s in all).
+RECORD_RETRY_S = (0.2, 0.5, 1.0, 2.0, 4.0)
+
+
+def _record(
+    svc: Services, message_id: uuid.UUID, attempt: int, result: AttemptResult, delay: float | None
+) -> None:
+    """Log the attempt and settle the message; tried again while the database is briefly
+    unreachable. The receiver already has the POST: an outcome lost here is an attempt the
+    sweep makes again, a duplicate at the receiver (as a PgBouncer restart showed in the
+    multi-host test), so it is worth a few seconds of this worker thread."""
+    for tries, pause in enumerate((*RECORD_RETRY_S, None)):
+        try:
+            with transaction(svc.sessions) as s:
+                if (
+                    tries
+                    and s.execute(
+                        select(WebhookDelivery.id).where(
+                            WebhookDelivery.message_id == message_id,
+                            WebhookDelivery.attempt == attempt,
+                        )
+                    ).first()
+                ):
+                    return  # an earlier try committed; only its answer was lost
+                s.execute(
+                    pg_insert(WebhookDelivery).values(
+                        message_id=message_id,
+                        attempt=attempt,
+                        status_code=result.status_code,
+                        latency_ms=result.latency_ms,
+                        error=result.error,
+                        response_excerpt=result.excerpt,
+                    )
+                )
+                if result.ok:
+                    values: dict[str, object] = {"status": "delivered", "next_attempt_at": None}
+                elif delay is None:
+                    values = {"status": "failed", "next_attempt_at": None}
+                else:
+                    values = {"next_attempt_at": func.now() + timedelta(seconds=delay)}
+                s.execute(
+                    update(WebhookMessage)
+                    .where(
+                        WebhookMessage.id == message_id,
+                        WebhookMessage.status == "pending",
+                        WebhookMessage.attempts == attempt,
+                    )
+                    .values(**values)
+                )
+            return
+        except OperationalError:  # a connection lost or refused: PgBouncer or PG restarting
+            if pause is None:
+                raise
+            time.sleep(pause)
 
 
 def _next_delay(schedule: tuple[float, ...], attempt: int, result: AttemptResult) -> float | None:

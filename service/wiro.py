@@ -409,6 +409,11 @@ class WiroClient:
         """Remove a task still in Wiro's queue."""
         return self._first_task(self._retrying("Task/Cancel", {"taskid": taskid}))
 
+    def input_output_delete(self, *, socket_token: str) -> None:
+        """Remove a finished task's inputs and outputs at Wiro (``Task/InputOutputDelete``,
+        by the task's socket access token; seen in Wiro's clients, not in its docs)."""
+        self._retrying("Task/InputOutputDelete", {"tasktoken": socket_token})
+
     def _first_task(self, body: Mapping[str, Any]) -> WiroTask:
         tasks = body.get("tasklist")
         if isinstance(tasks, Mapping):

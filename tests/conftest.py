@@ -2,8 +2,11 @@
 
 PostgreSQL and Redis: $DATABASE_URL / $REDIS_URL when given, else the machine's own on
 127.0.0.1:5432 / 6379 when they answer, else embedded ones. Each run gets its own
-database (and Redis db number). S3 is always a fresh moto server; the gateway, a worker,
-beat and the Wiro simulator run as real subprocesses, all on 127.0.0.1.
+database (and Redis db number). The Celery broker is that Redis, or with
+TEST_BROKER=rabbitmq a virtual host of this run's own on the RabbitMQ at 127.0.0.1:5672
+($TEST_RABBITMQ_URL for another; .ci/run starts the machine's when it does not answer).
+S3 is always a fresh moto server; the gateway, a worker, beat and the Wiro simulator run
+as real subprocesses, all on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,7 +34,9 @@ from service import auth
 from service.auth import IssuedKey
 from service.db import make_engine, make_sessionmaker, transaction
 from service.embedded import EmbeddedPostgres, free_port, port_open, redis_server
+from service.queue import TaskQueue, make_celery
 from service.stack import Ports, Stack, machine_postgres, own_database
+from service.storage import Storage
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
@@ -44,6 +50,7 @@ TEST_SETTINGS = {
     "RUN_UNCERTAIN_WAIT_S": "6",
     "WIRO_TIMEOUT_S": "5",
     "OUTPUT_READ_TIMEOUT_S": "5",
+    "OUTPUT_READ_DEADLINE_S": "8",
     "FINALIZE_ATTEMPTS": "2",
     "SSE_KEEPALIVE_S": "1",
     "S3_BUCKET": "dreamgate-test",
@@ -116,11 +123,41 @@ def redis_url(workdir: Path) -> Iterator[str]:
     server.stop()
 
 
+def test_broker() -> str:
+    """The broker the suite runs on: ``redis`` (the default) or ``rabbitmq``."""
+    name = os.environ.get("TEST_BROKER", "redis").lower()
+    if name not in {"redis", "rabbitmq"}:
+        pytest.exit(f"TEST_BROKER must be redis or rabbitmq, not {name!r}", returncode=4)
+    return name
+
+
+test_broker.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
 @pytest.fixture(scope="session")
-def stack(workdir: Path, database_url: str, redis_url: str) -> Iterator[Stack]:
+def broker_url(redis_url: str) -> Iterator[str]:
+    """The Celery broker of this run: its Redis, or a RabbitMQ virtual host of its own."""
+    if test_broker() == "redis":
+        yield redis_url
+        return
+    from tests.brokers import fresh_vhost
+
+    base = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    with fresh_vhost(base, prefix="dreamgate_test") as url:
+        yield url
+
+
+def broker_of(stack: Stack) -> TaskQueue:
+    """The stack's broker, to count or drop waiting messages (Redis or RabbitMQ alike)."""
+    return TaskQueue(make_celery(stack.env.get("BROKER_URL") or stack.env["REDIS_URL"]))
+
+
+@pytest.fixture(scope="session")
+def stack(workdir: Path, database_url: str, redis_url: str, broker_url: str) -> Iterator[Stack]:
     """The whole service as real processes: gateway, worker, beat, simulator, S3."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WIRO", "S3_", "AWS_"))}
     env.update(TEST_SETTINGS, DATABASE_URL=database_url, REDIS_URL=redis_url)
+    env["BROKER_URL"] = broker_url if broker_url != redis_url else ""
     ports = Ports(
         api=free_port(), sim=free_port(), postgres=free_port(), redis=free_port(), s3=free_port()
     )
@@ -205,6 +242,20 @@ def s3(stack: Stack) -> Any:
 
 
 @pytest.fixture
+def storage(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Storage:
+    """A ``Storage`` on a bucket of its own, credentials through boto3's usual chain."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", stack.env["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", stack.env["AWS_SECRET_ACCESS_KEY"])
+    store = Storage.from_settings(
+        endpoint_url=stack.env["S3_ENDPOINT_URL"],
+        region="us-east-1",
+        bucket=f"t-{uuid.uuid4().hex[:12]}",
+    )
+    store.ensure_bucket()
+    return store
+
+
+@pytest.fixture
 def clean(engine: Engine, sim: httpx.Client) -> Iterator[None]:
     """Every end-to-end test starts with no jobs and a simulator in its default state."""
     # Workers and beat keep reading these tables; TRUNCATE may be a deadlock's victim.
@@ -223,7 +274,10 @@ def clean(engine: Engine, sim: httpx.Client) -> Iterator[None]:
                 raise
             time.sleep(0.2)
     sim.post("/_sim/reset").raise_for_status()
-    sim.put("/_sim/config", json={"task_duration_s": 0.5}).raise_for_status()
+    # The simulator's websocket is refused unless a test turns it on (tests/test_progress.py):
+    # its terminal frames ask for a reconcile at once, and the tests of callbacks and of the
+    # sweep must see only those paths end their jobs.
+    sim.put("/_sim/config", json={"task_duration_s": 0.5, "socket_refuse": True}).raise_for_status()
     yield
 
 

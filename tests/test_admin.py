@@ -134,6 +134,13 @@ def test_stats_match_a_known_set_of_jobs(
     assert sources["total"] == 4
     assert sources["counts"] == {"callback": 3, "cancel": 1}
     assert sources["share"]["callback"] == pytest.approx(0.75)
+    # What /ops shows: whole percentages of every source, adding up.
+    assert sources["percent"] == {"callback": 75, "cancel": 25}
+    assert stats["wiro_cost"]["currency"] == "USD"
+    # The per-owner table adds up to the service's figures.
+    owners = stats["owners"]
+    assert sum(o["submitted"] for o in owners) == stats["throughput"]["created"]
+    assert sum(o["failed"] for o in owners) == stats["throughput"]["finished"].get("failed", 0)
 
     [reason] = stats["failure_reasons"]
     assert reason["code"] == "wiro_task_failed" and reason["count"] == 1
@@ -314,3 +321,12 @@ def test_failed_delivery_is_listed_and_replayed_with_the_same_webhook_id(
 
     missing = admin_api.post(f"/v1/admin/deliveries/{uuid.uuid4()}/replay")
     assert missing.status_code == 404 and missing.json()["code"] == "delivery_not_found"
+
+
+def test_percentages_of_completion_sources_always_add_up_to_100() -> None:
+    from service.ops import whole_percents
+
+    assert whole_percents({}) == {}
+    for counts in ({"callback": 1, "sweep": 1, "cancel": 1}, {"a": 2, "b": 1}, {"a": 7}):
+        assert sum(whole_percents(counts).values()) == 100
+    assert whole_percents({"callback": 3, "sweep": 1}) == {"callback": 75, "sweep": 25}

@@ -25,6 +25,7 @@ from service.db import make_sessionmaker, transaction
 from service.models import JobStatus as S
 from service.settings import Settings
 from service.stack import Stack
+from service.uow import unit_of_work
 from tests.conftest import client_for, sample, upload_files, wait_for, wait_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean")]
@@ -349,8 +350,13 @@ def test_keys_cli_sets_and_clears_a_keys_limits(stack: Stack) -> None:
     key = cli(
         "create", "--owner", "cli-limits", "--max-in-flight", "2", "--rate-limit", "5/second", "-q"
     ).stdout.strip()
-    line = next(ln for ln in cli("list").stdout.splitlines() if key[:10] in ln)
-    assert "max_in_flight=2 rate=5/second" in line
+    listing = cli("list").stdout.splitlines()
+    header = next(ln for ln in listing if "max in flight" in ln.lower())
+    line = next(ln for ln in listing if key[:10] in ln)
+    # The columns after the key's state hold its limits: max in flight, then rate.
+    cells = line.split()
+    assert header.index("max in flight") < header.index("rate")
+    assert cells[cells.index("live") + 1 : cells.index("live") + 3] == ["2", "5/second"]
 
     assert "max_in_flight=2 rate=-" in cli("update", key[:10], "--rate-limit", "none").stdout
     assert "max_in_flight=- rate=-" in cli("update", key[:10], "--max-in-flight", "none").stdout
@@ -417,7 +423,8 @@ def test_aimd_halves_once_per_overload_and_probes_the_refused_level_rarely(
 
     seen = []
     for _ in range(12):
-        admission.run_accepted(aimd)
+        with unit_of_work(aimd) as s:
+            admission.run_accepted(s, aimd.settings)
         seen.append(state(engine)[0])
     # +1 per 2 Runs up to 7; the step onto 8, where Wiro refused, waits for 6 Runs.
     assert seen == [4, 5, 5, 6, 6, 7, 7, 7, 7, 7, 7, 8]

@@ -146,8 +146,36 @@ def test_oversized_image_is_refused(
     before = stored(engine, s3, stack)
     big = io.BytesIO(sample(1).read_bytes() + b"\0" * (3 * 1024 * 1024))
     r = api.post("/v1/jobs", files=[("images", ("big.jpg", big, "image/jpeg"))], data=GOOD)
-    assert_problem(r, 413, "image_too_large")
+    body = assert_problem(r, 413, "image_too_large")
+    # In MiB, naming the file, with the same title as the request-size 413.
+    assert body["detail"] == "images[0] (big.jpg) is larger than 2 MiB"
+    assert body["title"] == "Content Too Large"
+    assert body["errors"][0]["loc"] == ["body", "images", 0]
     assert stored(engine, s3, stack) == before
+
+
+def test_common_mistakes_get_a_hint_and_the_field_in_errors(api: httpx.Client) -> None:
+    jpeg = sample(1).read_bytes()
+    singular = api.post("/v1/jobs", files=[("image", ("x.jpg", jpeg, "image/jpeg"))], data=GOOD)
+    body = assert_problem(singular, 422, "validation_error")
+    assert body["detail"] == "image: must not be a file (did you mean images?)"
+    assert body["errors"][0]["loc"] == ["body", "image"]
+
+    text_file = [
+        ("images", ("a.jpg", jpeg, "image/jpeg")),
+        ("images", ("notes.txt", b"just words", "text/plain")),
+    ]
+    body = assert_problem(api.post("/v1/jobs", files=text_file, data=GOOD), 422, "invalid_image")
+    assert body["detail"] == "images[1] (notes.txt): the file is not an image"
+    assert body["errors"][0]["loc"] == ["body", "images", 1]
+
+    bad_metadata = {**GOOD, "metadata": "{not json"}
+    body = assert_problem(
+        api.post("/v1/jobs", files=upload_files(sample(1)), data=bad_metadata),
+        422,
+        "validation_error",
+    )
+    assert body["errors"][0]["loc"] == ["body", "metadata"]
 
 
 def test_job_ids_and_query_parameters_are_validated(api: httpx.Client) -> None:
@@ -164,7 +192,9 @@ def test_body_over_the_request_limit_is_refused_before_it_is_read(api: httpx.Cli
         content=b"x" * (10 * 1024 * 1024),
         headers={"content-type": "multipart/form-data; boundary=x"},
     )
-    assert_problem(declared, 413, "payload_too_large")
+    body = assert_problem(declared, 413, "payload_too_large")
+    assert body["title"] == "Content Too Large"
+    assert body["detail"] == "the request body is larger than 9 MiB"
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: counted while streaming
         yield (

@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (package whose files are checked, files left out, module prefixes they must not import)
 RULES = [
-    # cli.py is the composition root: it starts the gateway, the worker and beat.
-    ("service", ("service/api/", "service/cli.py"), ("workers", "service.api", "wirosim")),
+    # service/cli/ is the composition root: it starts the gateway, the worker and beat.
+    ("service", ("service/api/", "service/cli/"), ("workers", "service.api", "wirosim")),
     ("service/api", (), ("workers", "wirosim")),
     ("workers", (), ("service.api", "wirosim")),
     ("wirosim", (), ("service", "workers")),
@@ -75,3 +75,41 @@ def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
         "service/_architecture_probe.py:1 imports workers.tasks",
         "service/_architecture_probe.py:2 imports workers",
     ]
+
+
+def calls_of(path: Path, names: set[str]) -> list[str]:
+    """Calls in a file of attributes or functions named in ``names`` (``x.name(...)``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name in names:
+                found.append(f"{path.relative_to(ROOT).as_posix()}:{node.lineno} calls {name}")
+    return found
+
+
+def test_follow_ups_of_a_transition_happen_only_in_the_unit_of_work() -> None:
+    # A transition's webhook message and admission wake-up follow its commit by
+    # themselves (service/uow.py): no call site pairs a move with them by hand.
+    bad = []
+    for path in sorted((ROOT / "service").rglob("*.py")):
+        if path.name == "uow.py":
+            continue
+        bad += calls_of(path, {"announce", "released", "request_admission"})
+    assert bad == []
+
+
+def test_service_transitions_run_inside_a_unit_of_work() -> None:
+    # A transition in a bare transaction() would commit without its follow-ups.
+    bad = []
+    for path in sorted((ROOT / "service").rglob("*.py")):
+        source = path.read_text()
+        if "jobs.transition(" in source and "transaction(svc.sessions)" in source:
+            uses = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.With)]
+            for node in uses:
+                text = ast.unparse(node.items[0].context_expr)
+                body = ast.unparse(node)
+                if text.startswith("transaction(") and "jobs.transition(" in body:
+                    bad.append(f"{path.relative_to(ROOT).as_posix()}:{node.lineno}")
+    assert bad == []

@@ -55,7 +55,7 @@ def test_quick_bench_runs_every_benchmark_and_writes_its_json(tmp_path: Path) ->
     assert summary["failed"] == []
 
 
-def test_quick_admission_bench_runs_and_reports_its_three_parts(tmp_path: Path) -> None:
+def test_quick_admission_bench_runs_and_reports_its_four_parts(tmp_path: Path) -> None:
     results = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.admission", "--quick"],
@@ -69,7 +69,11 @@ def test_quick_admission_bench_runs_and_reports_its_three_parts(tmp_path: Path) 
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     data = json.loads((results / "admission.json").read_text())
     parts = {row["part"]: row for row in data["rows"]}
-    assert set(parts) == {"peak", "burst", "refused"}
+    assert set(parts) == {"peak", "burst", "refused", "passes"}
     assert parts["peak"]["wiro_peak"] <= parts["peak"]["limit"]
     assert parts["refused"]["failed"] == 0
+    # A burst committed at once is admitted in passes that each fill many slots.
+    passes = parts["passes"]
+    assert passes["succeeded"] == passes["jobs"]
+    assert 0 < passes["passes"] < passes["jobs"]
     assert {"b_wait_s", "a_admitted_between"} <= set(parts["burst"])

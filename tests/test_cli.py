@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +22,17 @@ SEED_PROMPT = "Replace the suit in the first image with the clothes in the secon
 
 
 def run_cli(
-    *args: str, url: str, key: str, cwd: Path = ROOT, timeout: float = 120
+    *args: str,
+    url: str,
+    key: str,
+    cwd: Path = ROOT,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``python -m service.cli ARGS`` with DREAMGATE_URL / DREAMGATE_KEY, not on a TTY."""
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("DREAMGATE_")}
-    env.update(DREAMGATE_URL=url, DREAMGATE_KEY=key, PYTHONPATH=str(ROOT))
+    env.update(DREAMGATE_URL=url, DREAMGATE_KEY=key, PYTHONPATH=str(ROOT), **extra)
     return subprocess.run(
         [sys.executable, "-m", "service.cli", *args],
         env=env,
@@ -195,3 +202,63 @@ def test_an_unreachable_gateway_is_one_line(tmp_path: Path) -> None:
 def test_a_missing_image_file_is_one_line(tmp_path: Path) -> None:
     r = run_cli("edit", str(tmp_path / "nope.jpg"), "-p", "x", url="http://127.0.0.1:9", key="k")
     assert "nope.jpg" in one_line_error(r, "bad_image")
+
+
+def progress_offsets(stderr: str) -> list[tuple[str, float]]:
+    """The progress lines of a followed job: (status, seconds since it was created)."""
+    found = re.findall(r"^  (\w+)\s+\+(\d+\.\d+)s$", stderr, re.M)
+    return [(status, float(at)) for status, at in found]
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("clean")
+def test_example_follows_the_job_live_and_saves_a_summary(
+    gw: str, key: str, tmp_path: Path
+) -> None:
+    r = run_cli("example", "--out", str(tmp_path / "res"), url=gw, key=key)
+    assert r.returncode == 0, r.stderr
+    # Every status as it happened, on one clock (the job's creation on the gateway's).
+    shown = progress_offsets(r.stderr)
+    assert [s for s, _ in shown] == ["queued", "submitting", "running", "finalizing", "succeeded"]
+    assert [at for _, at in shown] == sorted(at for _, at in shown)
+    # A short summary, not the job's JSON; the files it names exist.
+    assert not r.stdout.lstrip().startswith("{")
+    assert len(r.stdout.splitlines()) <= 8, r.stdout
+    job_line = r.stdout.splitlines()[0]
+    assert job_line.startswith("job ") and job_line.endswith("succeeded")
+    written = [Path(line.split()[-1]) for line in r.stdout.splitlines() if "res/" in line]
+    assert written and all(p.is_file() for p in written)
+    assert "timings" in r.stdout and "total" in r.stdout
+
+    as_json = run_cli("example", "--json", url=gw, key=key)
+    assert as_json.returncode == 0, as_json.stderr
+    body = json.loads(as_json.stdout)
+    assert body["status"] == "succeeded" and body["files"] == []
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("clean")
+def test_tables_fit_the_terminal_have_headers_and_are_not_padded_when_piped(
+    gw: str, key: str, api: httpx.Client, stack: Stack
+) -> None:
+    long_prompt = "Replace the suit with the clothes of the second image, " * 10
+    job = api.post(
+        "/v1/jobs", files=[("images", sample(1).open("rb"))], data={"prompt": long_prompt}
+    ).json()
+    wait_status(api, job["id"])
+    for columns in (80, 120):
+        listed = run_cli("jobs", "list", url=gw, key=key, env={"COLUMNS": str(columns)})
+        assert listed.returncode == 0, listed.stderr
+        lines = listed.stdout.splitlines()
+        assert all(len(line) <= columns for line in lines), (columns, listed.stdout)
+        assert next(line for line in lines if job["id"] in line).endswith("…")
+        assert any(line.split()[:2] == ["id", "status"] for line in lines)
+    shown = run_cli("jobs", "show", job["id"], url=gw, key=key)
+    assert shown.returncode == 0 and shown.stdout
+    assert all(line == line.rstrip() for line in shown.stdout.splitlines())
+    assert "MiB" in shown.stdout or "KiB" in shown.stdout  # sizes for people
+
+    keys = run_cli("keys", "list", url=gw, key=key, env={"DATABASE_URL": stack.env["DATABASE_URL"]})
+    assert keys.returncode == 0, keys.stderr
+    header = next(line for line in keys.stdout.splitlines() if line.strip())
+    assert header.split()[:4] == ["id", "prefix", "owner", "role"]

@@ -57,7 +57,8 @@ class Dom(HTMLParser):
         for _, ident in self._open:
             if ident:
                 self.text[ident] = self.text.get(ident, "") + data
-        if self._table and self._open and self._open[-1][0] == "td" and self.rows[self._table]:
+        in_cell = any(tag == "td" for tag, _ in self._open)  # a job id's link included
+        if self._table and in_cell and self.rows[self._table]:
             self.rows[self._table][-1][-1] += data
 
 

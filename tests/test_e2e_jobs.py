@@ -8,10 +8,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-import redis
 
 from service.stack import Stack
-from tests.conftest import sample, transitions, upload_files, wait_for, wait_status
+from tests.conftest import broker_of, sample, transitions, upload_files, wait_for, wait_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean")]
 
@@ -217,8 +216,8 @@ def test_cancel_before_wiro_has_the_job_is_local(
     finally:
         stack.start_worker()
     # The queued message reaches the new worker, which must leave the job alone.
-    broker = redis.Redis.from_url(stack.env["REDIS_URL"])
-    wait_for(lambda: broker.llen("dreamgate") == 0, what="the worker to take the message")
+    broker = broker_of(stack)
+    wait_for(lambda: sum(broker.depths().values()) == 0, what="the worker to take the message")
     after = api.get(f"/v1/jobs/{job['id']}").json()
     assert transitions(after) == ["queued", "canceled"]
     assert sim_stats(sim)["run_calls"] == 0

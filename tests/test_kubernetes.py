@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from service.cli import main as cli
-from service.queue import QUEUE
+from service.queue import QUEUES
 from tests.conftest import ROOT
 
 K8S = ROOT / "deploy" / "kubernetes"
@@ -102,12 +102,15 @@ def test_keda_scales_workers_on_the_celery_queue(overlay: str) -> None:
     target = spec["scaleTargetRef"]
     assert target["name"] == "dreamgate-worker" and target.get("kind", "Deployment") == "Deployment"
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
-    [trigger] = spec["triggers"]
-    assert trigger["type"] == "redis"
-    meta = trigger["metadata"]
-    assert all(isinstance(v, str) for v in meta.values())  # KEDA's metadata is string-valued
-    assert meta["listName"] == QUEUE
-    assert int(meta["listLength"]) > 0
+    # One trigger per queue: a backlog in any of them brings workers.
+    triggers = spec["triggers"]
+    assert {t["type"] for t in triggers} == {"redis"}
+    assert sorted(t["metadata"]["listName"] for t in triggers) == sorted(QUEUES.values())
+    for trigger in triggers:
+        meta = trigger["metadata"]
+        assert all(isinstance(v, str) for v in meta.values())  # KEDA's metadata: strings
+        assert int(meta["listLength"]) > 0
+    meta = triggers[0]["metadata"]
     # The address comes from the worker's environment: the ConfigMap must define it.
     worker = pod_specs(docs)["dreamgate-worker"]["containers"][0]
     [config_ref] = [e["configMapRef"]["name"] for e in worker["envFrom"] if "configMapRef" in e]

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.queue import QUEUES
 from tests.conftest import sample, upload_files, wait_for, wait_status
 from tests.test_webhooks import Receiver
 
@@ -99,7 +100,10 @@ def test_metrics_cover_a_job_end_to_end(
     # Jobs by status is read from PostgreSQL at scrape time: exactly this one job.
     assert value(after, "dreamgate_jobs", status="succeeded") == 1
     assert value(after, "dreamgate_jobs", status="running") == 0
-    assert value(after, "dreamgate_celery_queue_depth") >= 0
+    # The depth of every queue is read from the broker at scrape time, one sample each.
+    depths = {ls: v for (n, ls), v in after.items() if n == "dreamgate_celery_queue_depth"}
+    assert set(depths) == {(("queue", q),) for q in QUEUES}
+    assert all(v >= 0 for v in depths.values())
     for left, entered in [
         ("queued", "submitting"),
         ("submitting", "running"),

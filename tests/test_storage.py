@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-import uuid
 
 import pytest
 
 from service.stack import Stack
 from service.storage import Storage, TooLarge
-
-
-@pytest.fixture
-def storage(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Storage:
-    # Credentials through boto3's usual chain, as in production.
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", stack.env["AWS_ACCESS_KEY_ID"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", stack.env["AWS_SECRET_ACCESS_KEY"])
-    store = Storage.from_settings(
-        endpoint_url=stack.env["S3_ENDPOINT_URL"],
-        region="us-east-1",
-        bucket=f"t-{uuid.uuid4().hex[:12]}",
-    )
-    store.ensure_bucket()
-    return store
 
 
 def test_put_stream_records_size_and_sha256_of_a_multipart_upload(storage: Storage) -> None:
@@ -44,7 +29,7 @@ def test_put_stream_stops_past_its_limit(storage: Storage) -> None:
         )
 
 
-def test_output_retention_is_a_lifecycle_rule_on_outputs_only(
+def test_retention_adds_and_removes_only_its_own_lifecycle_rules(
     storage: Storage, stack: Stack
 ) -> None:
     import boto3
@@ -57,12 +42,44 @@ def test_output_retention_is_a_lifecycle_rule_on_outputs_only(
         aws_secret_access_key="embedded",
     )
 
-    storage.set_output_retention(30)
-    [rule] = s3.get_bucket_lifecycle_configuration(Bucket=storage.bucket)["Rules"]
-    assert rule["Expiration"]["Days"] == 30
-    assert rule["Filter"]["Prefix"] == "outputs/"
-    assert rule["Status"] == "Enabled"
+    def rules() -> dict[str, dict[str, object]]:
+        try:
+            found = s3.get_bucket_lifecycle_configuration(Bucket=storage.bucket)["Rules"]
+        except s3.exceptions.ClientError:
+            return {}
+        return {str(r["ID"]): dict(r) for r in found}
 
+    storage.set_output_retention(30)
+    [rule] = rules().values()
+    assert rule["Expiration"] == {"Days": 30}
+    assert rule["Filter"] == {"Prefix": "outputs/"}
+    assert rule["Status"] == "Enabled"
     storage.set_output_retention(0)
-    with pytest.raises(s3.exceptions.ClientError):
-        s3.get_bucket_lifecycle_configuration(Bucket=storage.bucket)
+    assert rules() == {}
+
+    # Someone else's rule on the bucket survives ours coming and going.
+    theirs = {
+        "ID": "ops-logs-expiry",
+        "Filter": {"Prefix": "logs/"},
+        "Status": "Enabled",
+        "Expiration": {"Days": 7},
+    }
+    s3.put_bucket_lifecycle_configuration(
+        Bucket=storage.bucket, LifecycleConfiguration={"Rules": [theirs]}
+    )
+    storage.set_retention({"outputs/": 30, "inputs/": 90})
+    now = rules()
+    assert set(now) == {
+        "ops-logs-expiry",
+        "dreamgate-output-retention",
+        "dreamgate-input-retention",
+    }
+    assert now["dreamgate-input-retention"]["Filter"] == {"Prefix": "inputs/"}
+    assert now["dreamgate-input-retention"]["Expiration"] == {"Days": 90}
+    storage.set_retention({"outputs/": 14, "inputs/": 0})
+    now = rules()
+    assert set(now) == {"ops-logs-expiry", "dreamgate-output-retention"}
+    assert now["dreamgate-output-retention"]["Expiration"] == {"Days": 14}
+    storage.set_retention({"outputs/": 0, "inputs/": 0})
+    assert set(rules()) == {"ops-logs-expiry"}
+    s3.delete_bucket_lifecycle(Bucket=storage.bucket)

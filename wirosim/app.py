@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -23,7 +26,16 @@ from wirosim.forms import (
     safe_filename,
     signature_ok,
 )
-from wirosim.tasks import CANCELABLE, NOT_YET_KILLABLE, InputRef, SimState, Task
+from wirosim.tasks import (
+    CANCELABLE,
+    NOT_YET_KILLABLE,
+    SUCCESS_STATUS,
+    TERMINAL_STATUSES,
+    InputRef,
+    SimState,
+    Task,
+    output_entry,
+)
 
 MAX_STEPS = 500
 
@@ -322,6 +334,79 @@ def add_wiro_routes(app: FastAPI, state: SimState) -> None:
         state.finish(task, "task_cancel")
         return JSONResponse(task_list_body(task, with_total=False))
 
+    @app.post("/v1/Task/InputOutputDelete")
+    async def task_input_output_delete(request: Request) -> Response:
+        """Delete a finished task's inputs and outputs (by its socket access token)."""
+        record: dict[str, Any] = {"at": time.time(), "taskid": None, "error": None}
+        state.deletes.append(record)
+        try:
+            fields = await authed_fields(request)
+            if state.config.delete_errors:
+                fault = state.config.delete_errors.pop(0)
+                if fault.hang_s:
+                    await asyncio.sleep(fault.hang_s)
+                if fault.http_status != 200 or fault.code is not None:
+                    raise fault_error(fault)
+            token = (first_value(fields, "tasktoken", "socketaccesstoken") or "").strip()
+            if not token:
+                raise WiroError(0, "Request parameter [tasktoken] is required")
+            task = state.find(token=token)
+            if task is None:
+                raise WiroError(1, NO_TASK_YET)
+            record["taskid"] = task.id
+            if not task.terminal:
+                raise WiroError(0, "Task is not finished yet")
+        except WiroError as exc:
+            record["error"] = exc.record()
+            return exc.response()
+        state.delete_files(task)
+        return JSONResponse({"errors": [], "result": True})
+
+    @app.websocket("/v1")
+    async def socket(ws: WebSocket) -> None:
+        """Wiro's websocket: register with task_info, then frames as the task goes on."""
+        cfg = state.config
+        if cfg.socket_refuse:
+            state.sockets_refused += 1
+            await ws.close(code=1008)  # before accept: the upgrade answers 403
+            return
+        await ws.accept()
+        try:
+            hello = json.loads(await ws.receive_text())
+        except (WebSocketDisconnect, ValueError):
+            return
+        hello = hello if isinstance(hello, dict) else {}
+        token = str(hello.get("tasktoken") or "")
+        task = state.find(token=token) if hello.get("type") == "task_info" else None
+        if task is None:
+            await ws.send_json({"type": "error", "message": "task not found", "result": False})
+            await ws.close()
+            return
+        queue = state.subscribe(token)
+        sent = 0
+        try:
+            first = [state.frame(task, task.status)]
+            if cfg.socket_lying:
+                fake = output_entry(cfg.base_url, task.uuid, 202472)
+                first.append(state.frame(task, SUCCESS_STATUS, [fake]))
+            for frame in first:
+                queue.put_nowait(frame)
+            while True:
+                frame = await queue.get()
+                drop = state.config.socket_drop_after
+                if drop is not None and sent >= drop:
+                    await ws.close(code=1011)
+                    return
+                await ws.send_json(frame)
+                sent += 1
+                if frame["type"] in TERMINAL_STATUSES and not cfg.socket_lying:
+                    await ws.close()
+                    return
+        except WebSocketDisconnect:
+            return
+        finally:
+            state.unsubscribe(token, queue)
+
     @app.get("/v1/File/{token}/{filename}")
     async def input_file(token: str, filename: str) -> Response:
         """Serve an uploaded input."""
@@ -335,8 +420,30 @@ def add_wiro_routes(app: FastAPI, state: SimState) -> None:
         """Serve an output, misbehaving as the output_mode knob says."""
         data = state.outputs.get(task_uuid, {}).get(name)
         mode = state.config.output_mode
+        redirect = state.config.output_redirect_url
+        if redirect:  # every /cdn/ path: a redirect to /cdn/... loops
+            return Response(status_code=302, headers={"Location": redirect})
         if data is None or mode == "404":
             return Response("not found", status_code=404)
+        if mode == "zeros":
+            size = state.config.output_size_bytes or 1024 * 1024
+
+            async def zeros() -> AsyncIterator[bytes]:
+                left = size
+                while left > 0:
+                    yield bytes(min(left, 1024 * 1024))
+                    left -= 1024 * 1024
+
+            return StreamingResponse(zeros(), media_type="image/png")
+        if mode == "drip":
+            interval = state.config.output_stall_s
+
+            async def drip() -> AsyncIterator[bytes]:
+                for i in range(len(data)):
+                    yield data[i : i + 1]
+                    await asyncio.sleep(interval)
+
+            return StreamingResponse(drip(), media_type="image/png")
         if mode == "ok":
             return Response(data, media_type="image/png")
         if mode == "truncate":
@@ -367,4 +474,24 @@ def create_app(config: SimConfig | None = None) -> FastAPI:
     app.state.sim = state
     add_wiro_routes(app, state)
     add_control_routes(app, state)
+    add_sample_routes(app, os.environ.get(SAMPLES_ENV))
     return app
+
+
+# A folder of images served at /samples/<file> (`dreamgate sim` names the wheel's bundled
+# samples): image URLs that work offline, for the README's JSON example and for tests.
+SAMPLES_ENV = "WIROSIM_SAMPLES_DIR"
+SAMPLE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
+
+
+def add_sample_routes(app: FastAPI, folder: str | None) -> None:
+    """GET /samples/<file>: the files of ``folder`` (by name only, no subfolders)."""
+    root = Path(folder).resolve() if folder else None
+
+    @app.get("/samples/{name}")
+    async def sample(name: str) -> Response:
+        path = root / name if root is not None else None
+        kind = SAMPLE_TYPES.get(Path(name).suffix.lower())
+        if path is None or kind is None or "/" in name or not path.is_file():
+            return Response("not found", status_code=404)
+        return Response(path.read_bytes(), media_type=kind)

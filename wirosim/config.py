@@ -14,9 +14,20 @@ from pydantic import BaseModel, ConfigDict, Field
 # the interim stderr event, see ``interim_task_error``.)
 FailMode = Literal["none", "pexit"]
 CallbackBody = Literal["task", "empty", "lying"]
-OutputMode = Literal["ok", "404", "stall", "truncate"]
+# drip: one byte every output_stall_s (a stream that never quite stalls); zeros:
+# output_size_bytes of zeros (default 1 MiB) served as image/png.
+OutputMode = Literal["ok", "404", "stall", "truncate", "drip", "zeros"]
 
 ENV_PREFIX = "WIROSIM_"
+# Knobs whose empty environment value means None.
+_NULLABLE = (
+    "max_concurrency",
+    "output_size_bytes",
+    "stall_at",
+    "extra_status",
+    "output_redirect_url",
+    "socket_drop_after",
+)
 
 
 class Fault(BaseModel):
@@ -69,10 +80,23 @@ class SimConfig(BaseModel):
     callback_body: CallbackBody = "task"
     run_errors: list[Fault] = Field(default_factory=list)
     detail_errors: list[Fault] = Field(default_factory=list)
+    # Consumed by the next Task/InputOutputDelete calls, one each.
+    delete_errors: list[Fault] = Field(default_factory=list)
     max_concurrency: int | None = Field(default=None, ge=1)
+    # The websocket (/v1): refuse every connection (HTTP 403 on the upgrade) …
+    socket_refuse: bool = False
+    # … close each connection after this many frames (None: never) …
+    socket_drop_after: int | None = Field(default=None, ge=0)
+    # … send a false task_postprocess_end (pexit 0, an output) right after task_info …
+    socket_lying: bool = False
+    # … and write progress as stdout lines "Step 3/25" instead of progressGenerate objects.
+    socket_progress_text: bool = False
     output_mode: OutputMode = "ok"
     output_size_bytes: int | None = Field(default=None, ge=0)
     output_stall_s: float = Field(default=60.0, ge=0)
+    # Output URLs answer 302 to this URL (a hostile or compromised CDN); a path on the
+    # simulator itself may be given relative, e.g. "/_sim/config".
+    output_redirect_url: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -88,12 +112,9 @@ class SimConfig(BaseModel):
             value = env.get(ENV_PREFIX + name.upper())
             if value is None:
                 continue
-            if name in ("run_errors", "detail_errors"):
+            if name in ("run_errors", "detail_errors", "delete_errors"):
                 raw[name] = json.loads(value) if value.strip() else []
-            elif (
-                name in ("max_concurrency", "output_size_bytes", "stall_at", "extra_status")
-                and not value.strip()
-            ):
+            elif name in _NULLABLE and not value.strip():
                 raw[name] = None
             else:
                 raw[name] = value

@@ -56,6 +56,11 @@ def add_control_routes(app: FastAPI, state: SimState) -> None:
         """Every callback attempt (sent or dropped), in order."""
         return state.callbacks
 
+    @app.get("/_sim/deletes")
+    async def deletes() -> list[dict[str, Any]]:
+        """Every Task/InputOutputDelete call, in order (taskid, error)."""
+        return state.deletes
+
     @app.get("/_sim/stats")
     async def stats() -> dict[str, Any]:
         """Counters."""

@@ -245,7 +245,13 @@ class SimState:
         self.outputs: dict[str, dict[str, bytes]] = {}
         self.runs: list[dict[str, Any]] = []
         self.callbacks: list[dict[str, Any]] = []
+        # Every Task/InputOutputDelete call: taskid (or None), error (or None).
+        self.deletes: list[dict[str, Any]] = []
         self.tasks_by_callback: dict[str, int] = {}
+        # Websocket subscribers by task token: each a queue of frames to send.
+        self.subscribers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
+        self.sockets_opened = 0
+        self.sockets_refused = 0
         self.peak_concurrency = 0
         self.callbacks_sent = 0
         self.callbacks_dropped = 0
@@ -285,6 +291,9 @@ class SimState:
             "run_calls": self.run_calls,
             "kill_calls": self.kill_calls,
             "cancel_calls": self.cancel_calls,
+            "sockets_open": sum(len(q) for q in self.subscribers.values()),
+            "sockets_opened": self.sockets_opened,
+            "sockets_refused": self.sockets_refused,
         }
 
     def active_count(self) -> int:
@@ -305,6 +314,59 @@ class SimState:
             token = token.strip()
             return next((t for t in self.tasks.values() if t.socketaccesstoken == token), None)
         return None
+
+    # -- the websocket ---------------------------------------------------------------------
+
+    def frame(self, task: Task, kind: str, message: Any = None) -> dict[str, Any]:
+        """A frame as Wiro's socket sends it: {type, id, tasktoken, message, result}."""
+        return {
+            "type": kind,
+            "id": task.id,
+            "tasktoken": task.socketaccesstoken,
+            "message": message,
+            "result": True,
+        }
+
+    def publish(self, task: Task, kind: str, message: Any = None) -> None:
+        """Send a frame to every socket registered for the task."""
+        queues = self.subscribers.get(task.socketaccesstoken)
+        if not queues:
+            return
+        frame = self.frame(task, kind, message)
+        for queue in queues:
+            queue.put_nowait(frame)
+
+    def subscribe(self, token: str) -> asyncio.Queue[dict[str, Any]]:
+        """A queue of the frames of the task with this token, from now on."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.subscribers.setdefault(token, set()).add(queue)
+        self.sockets_opened += 1
+        return queue
+
+    def unsubscribe(self, token: str, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        """Forget a closed socket."""
+        queues = self.subscribers.get(token)
+        if queues is not None:
+            queues.discard(queue)
+            if not queues:
+                del self.subscribers[token]
+
+    async def _progress(self, task: Task, seconds: float) -> None:
+        """task_output frames over ``seconds``: one per step, at most 50."""
+        frames = max(1, min(task.steps, 50))
+        for k in range(1, frames + 1):
+            await asyncio.sleep(seconds / frames)
+            current = round(k * task.steps / frames)
+            if self.config.socket_progress_text:
+                message: Any = f"Step {current}/{task.steps}"
+            else:
+                message = {
+                    "type": "progressGenerate",
+                    "percentage": str(round(100 * current / task.steps)),
+                    "stepCurrent": str(current),
+                    "stepTotal": str(task.steps),
+                }
+            self.publish(task, "task_output", message)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a coroutine in the background, keeping a reference to it."""
@@ -364,6 +426,7 @@ class SimState:
         current = asyncio.current_task()
         if job is not None and job is not current:
             job.cancel()
+        self.publish(task, task.status, task.to_dict()["outputs"] if pexit == "0" else None)
         if task.callbackurl:
             self._spawn(self._deliver_callbacks(task, task.to_dict()))
 
@@ -384,14 +447,22 @@ class SimState:
     async def _lifecycle(self, task: Task) -> None:
         """Walk the task through Wiro's statuses, spread over its duration."""
         walk = self.walk(task)
-        step = task.duration_s / (len(walk) + 1)
+        # Inference (task_output, where the progress frames come) takes half the time, as
+        # it does most of a real task's; the other statuses share the rest.
+        inference = task.duration_s / 2 / max(1, walk.count("task_output"))
+        step = (task.duration_s - inference * walk.count("task_output")) / (len(walk) + 1)
         images: list[Image.Image] = []
         png = b""
         try:
             await asyncio.sleep(task.queue_hold_s)
             for status in walk:
-                await asyncio.sleep(step)
+                # The steps of the model run while Wiro says task_output: its progress.
+                if task.status == "task_output":
+                    await self._progress(task, inference)
+                else:
+                    await asyncio.sleep(step)
                 task.set_status(status)
+                self.publish(task, status)
                 # Stalled while the knob names this status: for ever, for a task that never
                 # ends; changing the knob lets every task stalled here go on.
                 while self.config.stall_at == status:  # noqa: ASYNC110 - PUT replaces the config
@@ -414,6 +485,14 @@ class SimState:
         task.outputs = [output_entry(task.base_url, task.uuid, len(png))]
         task.totalcost = SUCCESS_COST
         self.finish(task, SUCCESS_STATUS, pexit="0")
+
+    def delete_files(self, task: Task) -> None:
+        """Forget a finished task's inputs and outputs: its URLs answer 404 from now on."""
+        self.outputs.pop(task.uuid, None)
+        for ref in task.inputs:
+            token = ref.url.rsplit("/v1/File/", 1)[-1].split("/", 1)[0]
+            self.files.pop(token, None)
+        task.outputs = []
 
     def visible(self, task: Task) -> bool:
         """False while Wiro would still answer "There is no task yet." about the task."""

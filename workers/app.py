@@ -17,15 +17,16 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from service import heartbeat, metrics, tracing
+from service import admission, heartbeat, metrics, tracing
 from service.container import Services, build_services
+from service.live import listen_dsn
 from service.logs import configure_logging
 from service.queue import SWEEP, make_celery
 from service.settings import get_settings
 
 _settings = get_settings()
 configure_logging(_settings.log_level, secrets=_settings.secret_values())
-app: Celery = make_celery(_settings.redis_url)
+app: Celery = make_celery(_settings.celery_broker_url)
 # Our handler (JSON lines, secrets scrubbed) stays the root's; Celery must not replace it.
 app.conf.worker_hijack_root_logger = False
 app.conf.beat_schedule = {
@@ -130,3 +131,29 @@ def _bind_log_context(task: Any = None, args: Any = None, **_: Any) -> None:
 @task_postrun.connect
 def _unbind_log_context(**_: Any) -> None:
     structlog.contextvars.clear_contextvars()
+
+
+class Admission(bootsteps.StartStopStep):
+    """The admission loop (service/admission.py), in every worker; one of them leads."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.loop: admission.AdmissionLoop | None = None
+
+    def start(self, parent: Any) -> None:
+        cfg = get_settings()
+        self.loop = admission.AdmissionLoop(
+            services,
+            listen_dsn(cfg.database_url),
+            poll_s=cfg.admission_poll_s,
+            coalesce_s=cfg.admission_coalesce_s,
+        )
+        self.loop.start()
+
+    def stop(self, parent: Any) -> None:
+        if self.loop is not None:
+            self.loop.stop()
+            self.loop = None
+
+
+app.steps["worker"].add(Admission)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from service import admission, pipeline, webhooks
+from service import admission, pipeline, privacy, webhooks
 from service.queue import (
     ADMIT,
     CANCEL,
@@ -14,6 +14,7 @@ from service.queue import (
     SWEEP,
     WEBHOOK_DELIVER,
     WEBHOOK_DISPATCH,
+    WIRO_DELETE,
 )
 from service.sweep import sweep as run_sweep
 from workers.app import app, services
@@ -59,6 +60,12 @@ def webhook_dispatch(event_id: int) -> None:
 def webhook_deliver(message_id: str) -> None:
     """Attempt a webhook message if it is pending and due."""
     webhooks.deliver(services(), uuid.UUID(message_id))
+
+
+@app.task(name=WIRO_DELETE, ignore_result=True)
+def wiro_delete(job_id: str) -> None:
+    """Ask Wiro to delete a finished task's inputs and outputs, if due."""
+    privacy.delete_at_wiro(services(), uuid.UUID(job_id))
 
 
 @app.task(name=SWEEP, ignore_result=True)

@@ -16,7 +16,16 @@ from service import __version__, tracing
 from service.api import errors, openapi
 from service.api.context import RequestContext
 from service.api.limits import BodyLimit
-from service.api.routers import admin, events, health, jobs, keys, metrics, wiro_callback
+from service.api.routers import (
+    admin,
+    events,
+    health,
+    jobs,
+    keys,
+    metrics,
+    usage,
+    wiro_callback,
+)
 from service.container import Services, build_services
 from service.live import JobEvents, listen_dsn
 from service.logs import configure_logging
@@ -79,7 +88,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             configure_logging(cfg.log_level, secrets=cfg.secret_values())
         app.state.services = services or build_services(cfg)
         # One LISTEN connection per process wakes every Prefer: wait and SSE waiter.
-        app.state.live = JobEvents(listen_dsn(app.state.services.settings.database_url))
+        # (Directly to PostgreSQL when DATABASE_URL is a transaction pooler.)
+        settings = app.state.services.settings
+        app.state.live = JobEvents(
+            listen_dsn(settings.database_listen_url or settings.database_url)
+        )
         await app.state.live.start()
         restore = drain_on_signals(asyncio.get_running_loop(), app.state.live.drain)
         try:
@@ -106,6 +119,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(events.router)
     app.include_router(admin.router)
     app.include_router(keys.router)
+    app.include_router(usage.router)
     app.include_router(admin.page)
     # Internal routes stay out of the published document (client generators, fuzzing).
     app.include_router(wiro_callback.router, include_in_schema=False)

@@ -41,13 +41,53 @@ class ProblemError(Exception):
     """Raise anywhere in a request to answer with a problem document."""
 
     def __init__(
-        self, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        errors: list[dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
         self.headers = headers
+        self.errors = errors
+        # RFC 9457 extension members (e.g. a budget's figures), beside the standard ones.
+        self.extra = extra
+
+
+def field_problem(
+    status: int, code: str, loc: list[str | int], msg: str, *, detail: str | None = None
+) -> ProblemError:
+    """A refusal of one field, with the ``errors`` list a validation error carries too, so
+    that clients find the field in the same place whatever refused it."""
+    where = ".".join(str(p) for p in loc[1:]) or str(loc[0])
+    return ProblemError(
+        status,
+        code,
+        detail or f"{where}: {msg}",
+        errors=[{"loc": loc, "msg": msg, "type": code}],
+    )
+
+
+def mib(n: int) -> str:
+    """A size for people: 20971520 -> '20 MiB', 1572864 -> '1.5 MiB'."""
+    value = n / (1024 * 1024)
+    return f"{value:.0f} MiB" if value == int(value) else f"{value:.1f} MiB"
+
+
+# RFC 9110's names where Python's HTTPStatus still has the old ones, so the body-limit
+# middleware (which cannot go through these handlers) and the routes say the same.
+TITLES = {413: "Content Too Large"}
+
+
+def title(status: int) -> str:
+    """The problem document's title for ``status``."""
+    return TITLES.get(status) or HTTPStatus(status).phrase
 
 
 def problem_response(
@@ -58,17 +98,20 @@ def problem_response(
     *,
     errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
     """Build the problem+json response."""
     body = Problem(
         type=PROBLEM_TYPE + code,
-        title=HTTPStatus(status).phrase,
+        title=title(status),
         status=status,
         detail=detail,
         code=code,
         instance=request.url.path,
         errors=[FieldError(**e) for e in errors] if errors else None,
     ).model_dump(exclude_none=True)
+    for name, value in (extra or {}).items():
+        body.setdefault(name, value)  # never over a standard member
     return JSONResponse(body, status, headers=headers, media_type="application/problem+json")
 
 
@@ -81,6 +124,7 @@ _CODES = {
     406: "not_acceptable",
     409: "conflict",
     413: "payload_too_large",
+    402: "payment_required",
     415: "unsupported_media_type",
     422: "validation_error",
     429: "rate_limited",
@@ -89,15 +133,20 @@ _CODES = {
 }
 
 
+# An answer lists this many field errors at most: 400,000 unknown keys made a 36.8 MB body.
+MAX_FIELD_ERRORS = 20
+
+
 def validation_errors(errors: Any) -> list[dict[str, Any]]:
-    """FastAPI/pydantic errors in our ``errors`` form (no echoed input values)."""
+    """FastAPI/pydantic errors in our ``errors`` form (no echoed input values, at most
+    MAX_FIELD_ERRORS of them, each location and message bounded)."""
     return [
         {
-            "loc": [str(p) if not isinstance(p, int) else p for p in e.get("loc", ())],
-            "msg": str(e.get("msg", "")),
-            "type": str(e.get("type", "")),
+            "loc": [str(p)[:100] if not isinstance(p, int) else p for p in e.get("loc", ())][:10],
+            "msg": str(e.get("msg", ""))[:300],
+            "type": str(e.get("type", ""))[:64],
         }
-        for e in errors
+        for e in list(errors)[:MAX_FIELD_ERRORS]
     ]
 
 
@@ -106,7 +155,15 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
-        return problem_response(request, exc.status, exc.code, exc.detail, headers=exc.headers)
+        return problem_response(
+            request,
+            exc.status,
+            exc.code,
+            exc.detail,
+            headers=exc.headers,
+            errors=exc.errors,
+            extra=exc.extra,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

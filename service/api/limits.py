@@ -11,7 +11,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import PROBLEM_TYPE
+from service.api.errors import PROBLEM_TYPE, mib, title
 
 
 class TooLargeBody(BaseException):
@@ -26,9 +26,9 @@ def _problem(limit: int, path: str) -> bytes:
     return json.dumps(
         {
             "type": PROBLEM_TYPE + "payload_too_large",
-            "title": "Content Too Large",
+            "title": title(413),
             "status": 413,
-            "detail": f"the request body is larger than {limit} bytes",
+            "detail": f"the request body is larger than {mib(limit)}",
             "code": "payload_too_large",
             "instance": path,
         }

@@ -138,6 +138,34 @@ class JobCanceledEvent(_JobEventBody):
     type: Literal["job.canceled"]
 
 
+class JobProgressEvent(_JobEventBody):
+    """Progress at Wiro (`data.progress`); only when asked in `webhook_events`, at most one
+    per 2 s per job, never retried."""
+
+    type: Literal["job.progress"]
+
+
+class BudgetWarning(BaseModel):
+    """A key's month has reached 80 % of its budget (amounts are decimal strings, USD)."""
+
+    key_id: str
+    owner: str
+    job_id: str = Field(description="The submit that brought the key to 80 %.")
+    budget_usd: str
+    spent_usd: str = Field(description="Billed by Wiro this UTC month.")
+    in_flight_usd: str = Field(description="The estimate of the key's jobs not yet billed.")
+    in_flight_jobs: int
+    share: float = Field(description="(spent + in flight) / budget.", examples=[0.84])
+
+
+class KeyBudgetWarningEvent(BaseModel):
+    """Sent once per key and UTC month, to the webhook of the job that reached 80 %."""
+
+    type: Literal["key.budget_warning"]
+    timestamp: datetime = Field(description="When the event happened.")
+    data: BudgetWarning
+
+
 WEBHOOK_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Any 2xx answer: delivered."},
     "default": {"description": "Anything else: the message is sent again later."},
@@ -202,6 +230,36 @@ def add_webhooks(app: FastAPI) -> None:
         body: JobCanceledEvent, id_: WebhookId, at: WebhookTimestamp, sig: WebhookSignature
     ) -> None:
         """The event ``job.canceled``."""
+
+    @hooks.post(
+        "job.progress",
+        operation_id="webhook_job_progress",
+        summary="The job's task made progress at Wiro",
+        description=WEBHOOK_DESCRIPTION.format(
+            what="reports progress at Wiro (only when listed; at most every 2 s; never retried)",
+            event="job.progress",
+        ),
+        **common,
+    )
+    def job_progress(
+        body: JobProgressEvent, id_: WebhookId, at: WebhookTimestamp, sig: WebhookSignature
+    ) -> None:
+        """The event ``job.progress``."""
+
+    @hooks.post(
+        "key.budget_warning",
+        operation_id="webhook_key_budget_warning",
+        summary="The key has reached 80 % of its monthly budget",
+        description=WEBHOOK_DESCRIPTION.format(
+            what="brings its key to 80 % of its monthly budget (once per key and UTC month)",
+            event="key.budget_warning",
+        ),
+        **common,
+    )
+    def key_budget_warning(
+        body: KeyBudgetWarningEvent, id_: WebhookId, at: WebhookTimestamp, sig: WebhookSignature
+    ) -> None:
+        """The event ``key.budget_warning``."""
 
 
 # -- the document --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
+from service import text
 from service.views import JOB_EXAMPLE
 
 # The job as shown lives in service.views (workers render it for webhooks too).
@@ -18,8 +19,22 @@ from service.views import OutputOut as OutputOut
 from service.views import WiroInfo as WiroInfo
 from service.views import job_out as job_out
 
-WEBHOOK_EVENTS = ("job.running", "job.succeeded", "job.failed", "job.canceled")
-WebhookEvent = Literal["job.running", "job.succeeded", "job.failed", "job.canceled"]
+WEBHOOK_EVENTS = (
+    "job.running",
+    "job.succeeded",
+    "job.failed",
+    "job.canceled",
+    "key.budget_warning",
+    "job.progress",
+)
+WebhookEvent = Literal[
+    "job.running",
+    "job.succeeded",
+    "job.failed",
+    "job.canceled",
+    "key.budget_warning",
+    "job.progress",
+]
 SEED_PROMPT = "Replace the suit in the first image with the clothes in the second image."
 MAX_METADATA_BYTES = 16 * 1024
 
@@ -36,7 +51,9 @@ class EditParams(BaseModel):
         None, description="Receives signed Standard Webhooks events about this job."
     )
     webhook_events: list[WebhookEvent] | None = Field(
-        None, description="Only these events are sent (default: all of them)."
+        None,
+        description="Only these events are sent (default: all of them but `job.progress`, "
+        "which is sent only when listed).",
     )
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="Your own JSON object, returned as given (≤ 16 KiB)."
@@ -52,11 +69,18 @@ class EditParams(BaseModel):
     def _prompt_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt must not be blank")
+        problem = text.text_problem(value)
+        if problem:
+            raise ValueError(f"prompt {problem}")
         return value
 
     @field_validator("metadata")
     @classmethod
     def _metadata_small(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Depth, size and characters first: json.dumps of a deep value would recurse.
+        problem = text.json_problem(value)
+        if problem:
+            raise ValueError(f"metadata {problem}")
         if len(json.dumps(value)) > MAX_METADATA_BYTES:
             raise ValueError(f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")
         return value

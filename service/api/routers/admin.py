@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import asdict
 from datetime import datetime, timedelta
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Path, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +20,9 @@ from service.container import Services
 from service.db import transaction
 from service.models import Job, JobStatus, WebhookMessage
 
+# Ages past ten years mean nothing here, and 1e20 s overflowed timedelta (a 500).
+MAX_AGE_S = 10 * 365 * 24 * 3600
+
 router = APIRouter(
     prefix="/v1/admin",
     tags=["ops"],
@@ -29,7 +32,7 @@ router = APIRouter(
 # The dashboard: a static page (no data in it) that asks for an admin key and reads the
 # routes above with it. It is outside /v1 and out of the OpenAPI document.
 page = APIRouter(include_in_schema=False)
-DASHBOARD = Path(__file__).resolve().parents[1] / "static" / "ops.html"
+DASHBOARD = FilePath(__file__).resolve().parents[1] / "static" / "ops.html"
 
 
 @page.get("/ops")
@@ -40,7 +43,7 @@ def dashboard() -> HTMLResponse:
             "Cache-Control": "no-store",
             # Everything the page needs is inline or same-origin: no CDN, nothing else.
             "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
-            "style-src 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+            "style-src 'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; "
             "frame-ancestors 'none'",
             "Referrer-Policy": "no-referrer",
         },
@@ -75,11 +78,42 @@ class CompletionSources(BaseModel):
     total: int
     counts: dict[str, int]
     share: dict[str, float]
+    percent: dict[str, int] = Field(
+        default_factory=dict, description="Whole percentages that add up to 100."
+    )
 
 
 class Cost(BaseModel):
+    currency: Literal["USD"] = "USD"
     last_hour: str = Field(description="Sum of Wiro's totalcost of jobs ended in the window.")
     total: str
+
+
+class OwnerRow(BaseModel):
+    owner: str
+    submitted: int = Field(description="Jobs submitted within the window.")
+    in_flight: int = Field(description="Jobs not yet finished, now.")
+    failed: int = Field(description="Jobs failed within the window.")
+    cost_usd: str = Field(description="Wiro's cost of the owner's jobs ended in the window.")
+
+
+class WorkerOut(BaseModel):
+    name: str
+    alive: bool
+
+
+class QueuesOut(BaseModel):
+    """The broker as /ops shows it: messages waiting per queue, workers that answer."""
+
+    depths: dict[str, int] = Field(description="Messages waiting, by queue (short name).")
+    workers: list[WorkerOut] = Field(description="Workers that answered a ping within 1 s.")
+
+
+class ThumbnailOut(BaseModel):
+    kind: Literal["inputs", "outputs"]
+    position: int
+    filename: str | None
+    href: str = Field(description="The thumbnail (JPEG), with this admin key.")
 
 
 class Minute(BaseModel):
@@ -164,12 +198,24 @@ class Stats(BaseModel):
     wiro_cost: Cost
     series: list[Minute] = Field(description="The last 60 minutes, oldest first.")
     stuck: Stuck
+    running: list[RunningJob] = Field(
+        default_factory=list, description="Jobs at Wiro now (oldest 20), with their progress."
+    )
     recent_failures: list[JobBrief]
     failing_webhooks: list[FailingWebhook]
     admission: AdmissionState
     wiro_unknown_statuses: list[UnknownStatus] = Field(
         default_factory=list, description="Treated as running; logged and counted."
     )
+    owners: list[OwnerRow] = Field(
+        default_factory=list, description="Per owner, busiest first (the last hour)."
+    )
+
+
+class RunningJob(JobBrief):
+    """A job at Wiro now, with its live progress (null until Wiro's socket reports any)."""
+
+    progress: dict[str, Any] | None = None
 
 
 class AdminJob(JobBrief):
@@ -300,12 +346,14 @@ async def list_jobs(
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     owner: Annotated[str | None, Query(max_length=100)] = None,
     taskid: Annotated[str | None, Query(max_length=64, description="Wiro's taskid.")] = None,
-    min_age_s: Annotated[float | None, Query(ge=0, description="Submitted at least N s ago.")] = (
-        None
-    ),
-    max_age_s: Annotated[float | None, Query(ge=0, description="Submitted at most N s ago.")] = (
-        None
-    ),
+    min_age_s: Annotated[
+        float | None,
+        Query(ge=0, le=MAX_AGE_S, allow_inf_nan=False, description="Submitted at least N s ago."),
+    ] = (None),
+    max_age_s: Annotated[
+        float | None,
+        Query(ge=0, le=MAX_AGE_S, allow_inf_nan=False, description="Submitted at most N s ago."),
+    ] = (None),
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> AdminJobPage:
@@ -414,3 +462,82 @@ async def replay(message_id: uuid.UUID, _: AdminDep, svc: ServicesDep) -> Replay
             )
 
     return await run_in_threadpool(run)
+
+
+# -- the console's extras: broker, thumbnails ---------------------------------------------
+
+
+@router.get(
+    "/queues",
+    response_model=QueuesOut,
+    summary="Queue depths and worker liveness",
+    description="Messages waiting in each Celery queue, and the workers that answer a ping "
+    "(Celery's control broadcast) within a second.",
+)
+async def queues(_: AdminDep, svc: ServicesDep) -> QueuesOut:
+    def load() -> QueuesOut:
+        depths = svc.queue.depths()
+        alive = svc.queue.workers(timeout_s=1.0)
+        return QueuesOut(
+            depths=depths,
+            workers=[WorkerOut(name=n, alive=ok) for n, ok in sorted(alive.items())],
+        )
+
+    return await run_in_threadpool(load)
+
+
+@router.get(
+    "/jobs/{job_id}/thumbnails",
+    response_model=list[ThumbnailOut],
+    summary="A job's thumbnails",
+    description="The small previews made at intake (uploaded inputs) and finalize (outputs).",
+    responses=responses(404),
+)
+async def thumbnails_of(job_id: uuid.UUID, _: AdminDep, svc: ServicesDep) -> list[ThumbnailOut]:
+    def load() -> list[ThumbnailOut]:
+        with transaction(svc.sessions) as s:
+            found = ops.thumbnails(s, job_id)
+        if found is None:
+            raise ProblemError(404, "job_not_found", f"no job {job_id}")
+        return [
+            ThumbnailOut(
+                kind=t["kind"],
+                position=t["position"],
+                filename=t["filename"],
+                href=f"/v1/admin/jobs/{job_id}/thumbnails/{t['kind']}/{t['position']}",
+            )
+            for t in found
+        ]
+
+    return await run_in_threadpool(load)
+
+
+@router.get(
+    "/jobs/{job_id}/thumbnails/{kind}/{position}",
+    summary="One thumbnail (JPEG)",
+    description="A JPEG of at most 256 px on its longer side, made once; cacheable (private).",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/jpeg": {}}, "description": "The thumbnail."},
+        **responses(404),
+    },
+)
+async def thumbnail(
+    job_id: uuid.UUID,
+    kind: Literal["inputs", "outputs"],
+    position: Annotated[int, Path(ge=0, le=100)],
+    _: AdminDep,
+    svc: ServicesDep,
+) -> Response:
+    def load() -> bytes:
+        with transaction(svc.sessions) as s:
+            key = ops.thumbnail_key(s, job_id, kind, position)
+        if key is None:
+            raise ProblemError(404, "thumbnail_not_found", f"no thumbnail {kind}/{position}")
+        return svc.storage.read(key)
+
+    data = await run_in_threadpool(load)
+    # Made once and never changed: the browser may keep it (private: it is an admin's).
+    return Response(
+        data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"}
+    )

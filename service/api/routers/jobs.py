@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import uuid
 from typing import Annotated, Any
@@ -15,9 +16,9 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from starlette.datastructures import UploadFile
 
-from service import admission, intake, jobs, live, pipeline
+from service import admission, intake, jobs, live, pipeline, usage
 from service.api.deps import PrincipalDep, ServicesDep
-from service.api.errors import ProblemError, responses
+from service.api.errors import ProblemError, field_problem, mib, responses
 from service.api.schemas import (
     SEED_PROMPT,
     WEBHOOK_EVENTS,
@@ -54,7 +55,8 @@ MULTIPART_SCHEMA: dict[str, Any] = {
         "webhook_events": {
             "type": "array",
             "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
-            "description": "Only these events are sent to webhook_url (default: all).",
+            "description": "Only these events are sent to webhook_url (default: all but "
+            "`job.progress`, sent only when listed).",
         },
     },
 }
@@ -146,6 +148,53 @@ def _invalid(exc: ValidationError, prefix: str = "body") -> RequestValidationErr
     )
 
 
+# The form's fields, for a hint when a name is nearly one of them (image -> images).
+FORM_FIELDS = (
+    "images",
+    "image_urls",
+    "prompt",
+    "steps",
+    "scale",
+    "webhook_url",
+    "webhook_events",
+    "metadata",
+    "priority",
+)
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, FORM_FIELDS, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close and close[0] != name else ""
+
+
+async def _json_body(request: Request, limit: int) -> bytes:
+    """The JSON body, refused (413) as soon as it streams past ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ProblemError(413, "payload_too_large", f"a JSON body may have at most {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ProblemError(
+                413, "payload_too_large", f"a JSON body may have at most {limit} bytes"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(raw: bytes) -> JobCreate:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested thousands deep
+        raise ProblemError(400, "malformed_body", "the body is not valid JSON") from exc
+    try:
+        return JobCreate.model_validate(body)
+    except ValidationError as exc:
+        raise _invalid(exc) from exc
+
+
 async def _parse_multipart(request: Request, svc: Services) -> intake.Submission:
     max_images = svc.settings.max_images
     try:
@@ -157,12 +206,20 @@ async def _parse_multipart(request: Request, svc: Services) -> intake.Submission
     for name, value in form.multi_items():
         if name == "images":
             if not isinstance(value, UploadFile):
-                raise ProblemError(422, "validation_error", "images: must be files")
+                raise field_problem(
+                    422,
+                    "validation_error",
+                    ["body", "images", len(images)],
+                    "must be a file (send URLs as image_urls)",
+                )
             if value.size is not None and value.size > svc.settings.max_image_bytes:
-                raise ProblemError(
+                n, limit = len(images), mib(svc.settings.max_image_bytes)
+                raise field_problem(
                     413,
                     "image_too_large",
-                    f"images[{len(images)}] is larger than {svc.settings.max_image_bytes} bytes",
+                    ["body", "images", n],
+                    f"larger than {limit}",
+                    detail=f"images[{n}] ({value.filename or 'image'}) is larger than {limit}",
                 )
             images.append(intake.Upload(filename=value.filename or "image", file=value.file))
         elif name == "image_urls":
@@ -170,16 +227,22 @@ async def _parse_multipart(request: Request, svc: Services) -> intake.Submission
         elif name == "webhook_events" and isinstance(value, str):
             fields.setdefault("webhook_events", []).append(value)
         elif isinstance(value, UploadFile):
-            raise ProblemError(422, "validation_error", f"{name}: must not be a file")
+            raise field_problem(
+                422, "validation_error", ["body", name], "must not be a file" + _did_you_mean(name)
+            )
         elif name in fields:
-            raise ProblemError(422, "validation_error", f"{name}: given more than once")
+            raise field_problem(422, "validation_error", ["body", name], "given more than once")
         else:
             fields[name] = value
+    if "metadata" in fields and not str(fields["metadata"]).strip():
+        del fields["metadata"]  # an empty form field is no metadata, as the schema allows
     if "metadata" in fields:
         try:
             fields["metadata"] = json.loads(fields["metadata"])
-        except ValueError as exc:
-            raise ProblemError(422, "validation_error", "metadata: not valid JSON") from exc
+        except (ValueError, RecursionError) as exc:
+            raise field_problem(
+                422, "validation_error", ["body", "metadata"], "not valid JSON"
+            ) from exc
     try:
         params = EditParams.model_validate(fields)
         urls = [u for u in images if isinstance(u, str)]
@@ -221,6 +284,16 @@ async def _within_rate(svc: Services, who: Principal) -> None:
         )
 
 
+async def _within_budget(svc: Services, who: Principal) -> usage.Spend | None:
+    """402 when the key's month (spent plus in flight) has reached its budget."""
+    if who.budget_usd is None:
+        return None
+    try:
+        return await run_in_threadpool(usage.check_budget, svc, who.key_id, who.budget_usd)
+    except usage.BudgetExceeded as exc:
+        raise ProblemError(402, "budget_exceeded", exc.detail, extra=exc.spend.as_json()) from exc
+
+
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
@@ -232,14 +305,16 @@ async def _within_rate(svc: Services, who: Principal) -> None:
         "image is the one edited; the others are references. Answers 202 with the job and "
         "its `Location`. With `Prefer: wait=N` the answer waits up to N seconds for the job "
         "to finish; with `Cancel-After` it is canceled once that long has passed. A key "
-        "with a submit rate gets 429 with `Retry-After` past it."
+        "with a submit rate gets 429 with `Retry-After` past it; a key with a monthly "
+        "budget gets 402 `budget_exceeded` once its month's cost plus the estimate of its "
+        "jobs in flight reaches it."
     ),
     responses={
         202: {
             "description": "Accepted",
             "headers": _headers("Location", "Idempotent-Replayed", "Preference-Applied"),
         },
-        **responses(400, 401, 413, 415, 422, 429, 503),
+        **responses(400, 401, 402, 413, 415, 422, 429, 503),
     },
     openapi_extra={
         "requestBody": {
@@ -288,14 +363,9 @@ async def create_job(
     if ctype == "multipart/form-data":
         sub = await _parse_multipart(request, svc)
     elif ctype == "application/json":
-        try:
-            body = json.loads(await request.body())
-        except ValueError as exc:
-            raise ProblemError(400, "malformed_body", "the body is not valid JSON") from exc
-        try:
-            data = JobCreate.model_validate(body)
-        except ValidationError as exc:
-            raise _invalid(exc) from exc
+        raw = await _json_body(request, svc.settings.max_json_bytes)
+        # Parsed and validated off the event loop: a large body must not stall others.
+        data = await run_in_threadpool(_parse_json, raw)
         sub = _submission(data, [str(u) for u in data.image_urls])
     else:
         raise ProblemError(
@@ -309,11 +379,15 @@ async def create_job(
             422, "too_many_images", f"at most {svc.settings.max_images} images per job"
         )
     caller = intake.Caller(owner=who.owner, api_key_id=who.key_id, idempotency_key=idempotency_key)
+    spend = await _within_budget(svc, who)
     try:
         accepted = await run_in_threadpool(intake.accept, svc, sub, caller)
     except intake.InputError as exc:
         code = 413 if exc.code == "image_too_large" else 422
-        raise ProblemError(code, exc.code, exc.message) from exc
+        loc: list[str | int] = ["body", exc.field or "images"]
+        if exc.position is not None:
+            loc.append(exc.position)
+        raise field_problem(code, exc.code, loc, exc.reason, detail=exc.message) from exc
     except intake.IdempotencyMismatch as exc:
         raise ProblemError(
             422,
@@ -331,6 +405,8 @@ async def create_job(
             return await _load_waiting(request, svc, accepted.job_id, who, wait)
         return await run_in_threadpool(_load, svc, accepted.job_id, who)
     response.headers.update(location)
+    if spend is not None:
+        await run_in_threadpool(usage.warn_if_near, svc, who.key_id, accepted.job_id, spend)
     # accept rendered the job in its own transaction: no second read to answer.
     job = accepted.job
     if job is None:
@@ -341,7 +417,14 @@ async def create_job(
         )
     if wait is not None and not job.status.terminal:
         return await _load_waiting(request, svc, accepted.job_id, who, wait)
-    return job
+    # Serialised once, here: returned as a model, FastAPI would validate it again against
+    # the response model it was just built from (a third of a JSON submit's CPU).
+    return Response(
+        job.model_dump_json(by_alias=True),
+        202,
+        headers={k: v for k, v in response.headers.items() if k != "content-length"},
+        media_type="application/json",
+    )
 
 
 @router.get(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 from fastapi import APIRouter, Response, status
@@ -36,6 +37,17 @@ RATE_LIMIT = Field(
     examples=["10/second"],
 )
 
+BUDGET = Field(
+    None,
+    ge=0,
+    max_digits=14,
+    decimal_places=6,
+    description="Monthly (UTC) budget in USD: a submit is refused with 402 `budget_exceeded` "
+    "once the month's cost plus the estimate of the key's jobs in flight reaches it "
+    "(null: none).",
+    examples=["25.00"],
+)
+
 
 def _rate(value: str | None) -> str | None:
     if value is not None:
@@ -59,6 +71,7 @@ class KeyCreate(BaseModel):
     )
     max_in_flight: int | None = MAX_IN_FLIGHT
     submit_rate_limit: str | None = RATE_LIMIT
+    budget_usd: Decimal | None = BUDGET
 
     @field_validator("owner")
     @classmethod
@@ -80,6 +93,7 @@ class KeyUpdate(BaseModel):
 
     max_in_flight: int | None = MAX_IN_FLIGHT
     submit_rate_limit: str | None = RATE_LIMIT
+    budget_usd: Decimal | None = BUDGET
 
     @field_validator("submit_rate_limit")
     @classmethod
@@ -100,6 +114,7 @@ class KeyOut(BaseModel):
     revoked_at: datetime | None
     max_in_flight: int | None
     submit_rate_limit: str | None
+    budget_usd: Decimal | None = Field(description="Monthly budget in USD (null: none).")
 
 
 class KeyCreated(KeyOut):
@@ -146,7 +161,9 @@ def _key(svc: Services, key_id: uuid.UUID) -> ApiKey:
 async def create_key(body: KeyCreate, response: Response, _: AdminDep, svc: ServicesDep) -> Any:
     def run() -> KeyCreated:
         limits = auth.KeyLimits(
-            max_in_flight=body.max_in_flight, submit_rate_limit=body.submit_rate_limit
+            max_in_flight=body.max_in_flight,
+            submit_rate_limit=body.submit_rate_limit,
+            budget_usd=body.budget_usd,
         )
         with transaction(svc.sessions) as s:
             issued = auth.create_key(s, owner=body.owner, role=body.role, limits=limits)
@@ -192,7 +209,8 @@ async def get_key(key_id: uuid.UUID, _: AdminDep, svc: ServicesDep) -> KeyOut:
     "/{key_id}",
     response_model=KeyOut,
     summary="Change an API key's limits",
-    description="`max_in_flight` and `submit_rate_limit`: a field left out keeps its value, "
+    description="`max_in_flight`, `submit_rate_limit` and `budget_usd`: a field left out keeps "
+    "its value, "
     "`null` clears it. Gateways apply the change within AUTH_CACHE_TTL_S.",
     responses=responses(404, 422),
 )
@@ -208,6 +226,7 @@ async def update_key(key_id: uuid.UUID, body: KeyUpdate, _: AdminDep, svc: Servi
                 submit_rate_limit=body.submit_rate_limit
                 if "submit_rate_limit" in given
                 else row.submit_rate_limit,
+                budget_usd=body.budget_usd if "budget_usd" in given else row.budget_usd,
             )
             auth.set_limits(s, key_id, limits)
             s.refresh(row)

@@ -7,7 +7,6 @@ Keep it off the public internet with the network (see deploy/prometheus.yml).
 
 from __future__ import annotations
 
-import redis
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
@@ -16,7 +15,6 @@ from service.api.deps import ServicesDep
 from service.container import Services
 from service.db import transaction
 from service.models import JobStatus
-from service.queue import QUEUE
 
 router = APIRouter(tags=["ops"])
 
@@ -26,12 +24,8 @@ def _render(svc: Services) -> tuple[bytes, str]:
         with transaction(svc.sessions) as s:
             return {str(st): 0 for st in JobStatus} | jobs.counts_by_status(s)
 
-    def depth() -> int:
-        client = redis.Redis.from_url(svc.settings.redis_url, socket_timeout=2)
-        try:
-            return int(client.llen(QUEUE))
-        finally:
-            client.close()
+    def depth() -> dict[str, int]:
+        return svc.queue.depths()
 
     def account_refused_since() -> float | None:
         with transaction(svc.sessions) as s:

@@ -9,7 +9,14 @@ from typing import Any, Literal
 
 Status = Literal["queued", "submitting", "running", "finalizing", "succeeded", "failed", "canceled"]
 Priority = Literal["low", "normal", "high"]
-WebhookEventType = Literal["job.running", "job.succeeded", "job.failed", "job.canceled"]
+WebhookEventType = Literal[
+    "job.running",
+    "job.succeeded",
+    "job.failed",
+    "job.canceled",
+    "key.budget_warning",
+    "job.progress",
+]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
 
 
@@ -162,6 +169,28 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """The task's live progress at Wiro (while running): ``percentage`` 0-100, ``step`` of
+    ``steps``, ``eta_s`` seconds left at the pace so far (each may be None but the first)."""
+
+    percentage: float
+    step: int | None = None
+    steps: int | None = None
+    eta_s: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Progress | None:
+        if not isinstance(data, dict) or _float(data.get("percentage")) is None:
+            return None
+        return cls(
+            percentage=float(data["percentage"]),
+            step=data.get("step"),
+            steps=data.get("steps"),
+            eta_s=_float(data.get("eta_s")),
+        )
+
+
+@dataclass(frozen=True)
 class Urls:
     """The job's own links: read it, cancel it, follow its events."""
 
@@ -206,6 +235,7 @@ class Job:
     # When the job's Cancel-After passes; after a cancel: pending, canceled, finished_first.
     deadline_at: datetime | None = None
     cancel_outcome: str | None = None
+    progress: Progress | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -253,6 +283,7 @@ class Job:
             estimated_start_at=_time(data.get("estimated_start_at")),
             deadline_at=_time(data.get("deadline_at")),
             cancel_outcome=data.get("cancel_outcome"),
+            progress=Progress.from_dict(data.get("progress")),
             raw=data,
         )
 

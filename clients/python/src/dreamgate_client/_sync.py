@@ -112,6 +112,28 @@ class Client:
         r = self._send(method, path, lambda _: kwargs, safe=safe, request_timeout=timeout)
         return b.json_of(r, f"{method} {path}")
 
+    # -- usage -------------------------------------------------------------------------
+
+    def usage(
+        self,
+        *,
+        start: str | None = None,
+        end: str | None = None,
+        group_by: str = "day",
+        owner: str | None = None,
+    ) -> dict[str, Any]:
+        """``GET /v1/usage``: jobs by status, seconds at Wiro, cost and output bytes of the
+        jobs created in ``[start, end)`` (ISO dates or times), per ``day`` or ``key``."""
+        params: dict[str, Any] = {"group_by": group_by}
+        if start:
+            params["from"] = start
+        if end:
+            params["to"] = end
+        if owner:
+            params["owner"] = owner
+        result: dict[str, Any] = self._json("GET", "/v1/usage", params=params)
+        return result
+
     # -- jobs --------------------------------------------------------------------------
 
     def submit(

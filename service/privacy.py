@@ -1,0 +1,98 @@
+"""A task's files deleted at Wiro once copied (WIRO_DELETE_AFTER_COPY). (Our own copies
+expire by S3 lifecycle rules: ``Storage.set_retention``.)
+
+Deleting at Wiro is a courtesy to the people in the images, never part of a job's
+outcome: the job has succeeded before it is asked, and a failure is only logged and tried
+again by the sweep, at most WIRO_DELETE_ATTEMPTS times.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import structlog
+from sqlalchemy import func, select, update
+
+from service.container import Services
+from service.db import transaction
+from service.models import Job
+from service.wiro import WiroError
+
+log = structlog.get_logger(__name__)
+
+# A claimed delete is left alone this long before the sweep may try it again.
+DELETE_LEASE = timedelta(minutes=2)
+
+
+def delete_backoff_s(attempt: int, *, base_s: float = 30.0) -> float:
+    """Seconds before the next try after ``attempt`` failures: doubling from ``base_s``
+    (30 s, or STUCK_AFTER_S when shorter), at most an hour."""
+    return float(min(base_s * 2 ** max(attempt - 1, 0), 3600.0))
+
+
+def delete_at_wiro(svc: Services, job_id: uuid.UUID) -> bool | None:
+    """One try of Task/InputOutputDelete for a job that asked for one; True if Wiro
+    confirmed, False if it failed (tried again later, or given up), None if there was
+    nothing due (another worker holds it, or it is done)."""
+    with transaction(svc.sessions) as s:
+        # Claim the try: one guarded UPDATE pushes the next try out by a lease, so a
+        # sweep racing a worker makes one call, not two.
+        claimed = s.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.wiro_delete_next_at.is_not(None),
+                Job.wiro_delete_next_at <= func.now() + timedelta(seconds=1),
+            )
+            .values(
+                wiro_delete_next_at=func.now() + DELETE_LEASE,
+                wiro_delete_attempts=Job.wiro_delete_attempts + 1,
+            )
+            .returning(Job.wiro_socket_token, Job.wiro_delete_attempts)
+        ).one_or_none()
+    if claimed is None:
+        return None
+    token, attempt = claimed
+    bound = log.bind(job_id=str(job_id), attempt=attempt)
+    error: str | None = None
+    if not token:
+        error = "the job has no socket access token"
+    else:
+        try:
+            svc.wiro.input_output_delete(socket_token=token)
+        except WiroError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # never let the courtesy break the worker's task
+            error = f"{type(exc).__name__}: {exc}"
+    with transaction(svc.sessions) as s:
+        if error is None:
+            values: dict[str, object] = {"wiro_delete_next_at": None, "wiro_deleted_at": func.now()}
+        elif attempt >= svc.settings.wiro_delete_attempts or not token:
+            values = {"wiro_delete_next_at": None}
+        else:
+            values = {
+                "wiro_delete_next_at": func.now()
+                + timedelta(
+                    seconds=delete_backoff_s(attempt, base_s=min(30.0, svc.settings.stuck_after_s))
+                )
+            }
+        s.execute(update(Job).where(Job.id == job_id).values(**values))
+    if error is None:
+        bound.info("wiro_files_deleted")
+        return True
+    gave_up = attempt >= svc.settings.wiro_delete_attempts or not token
+    bound.warning("wiro_delete_failed", error=error[:300], gave_up=gave_up)
+    return False
+
+
+def due_deletes(svc: Services, *, batch: int) -> list[uuid.UUID]:
+    """Jobs whose delete at Wiro is due (ix_jobs_wiro_delete_due)."""
+    with transaction(svc.sessions) as s:
+        rows = s.execute(
+            select(Job.id)
+            .where(Job.wiro_delete_next_at.is_not(None), Job.wiro_delete_next_at <= func.now())
+            .order_by(Job.wiro_delete_next_at)
+            .limit(batch)
+        )
+        return list(rows.scalars())
