@@ -32,7 +32,17 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
     where = tmp_path_factory.mktemp("generated")
     config = where / "config.json"
     # No post hooks: they would run ruff from PATH on the generated code.
-    config.write_text(json.dumps({"post_hooks": [], "package_name_override": PACKAGE}))
+    # The generator reads bodies only as JSON, text or octet-stream: a JPEG is bytes.
+    overrides = {"image/jpeg": "application/octet-stream"}
+    config.write_text(
+        json.dumps(
+            {
+                "post_hooks": [],
+                "package_name_override": PACKAGE,
+                "content_type_overrides": overrides,
+            }
+        )
+    )
     result = subprocess.run(
         [
             str(Path(sys.executable).with_name("openapi-python-client")),

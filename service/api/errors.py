@@ -215,6 +215,9 @@ def document_problems(app: FastAPI) -> None:
             for op in methods.values():
                 if op.get("security"):  # every authenticated route may answer 401
                     op["responses"].setdefault("401", {"description": "Unauthorized"})
+                if "application/json" in op.get("requestBody", {}).get("content", {}):
+                    # A body that is not JSON at all is refused before validation.
+                    op["responses"].setdefault("400", {"description": "Bad Request"})
                 for code, answer in op.get("responses", {}).items():
                     if code[0] in "45":
                         answer["content"] = {"application/problem+json": {"schema": ref}}

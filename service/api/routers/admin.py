@@ -518,7 +518,10 @@ async def thumbnails_of(job_id: uuid.UUID, _: AdminDep, svc: ServicesDep) -> lis
     description="A JPEG of at most 256 px on its longer side, made once; cacheable (private).",
     response_class=Response,
     responses={
-        200: {"content": {"image/jpeg": {}}, "description": "The thumbnail."},
+        200: {
+            "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The thumbnail.",
+        },
         **responses(404),
     },
 )

@@ -108,7 +108,7 @@ def _report(
             "description": "The report",
             "content": {"text/csv": {"schema": {"type": "string"}}},
         },
-        **responses(401, 422),
+        **responses(401, 403, 422),
     },
 )
 async def get_usage(
