@@ -175,7 +175,8 @@ def test_timed_out_tasks_free_their_slots_at_once_though_wiro_refuses_to_stop_th
     wait_status(api, waiting, {"running"}, timeout=40)
 
     for job_id in stuck:
-        job = api.get(f"/v1/jobs/{job_id}").json()
+        # The first slot freed admits the waiting job; the others time out moments later.
+        job = wait_status(api, job_id, timeout=40)
         assert job["status"] == "failed" and job["error"]["code"] == "wiro_task_timeout"
         assert job["wiro"]["stopping"] is True  # still being stopped at Wiro
         assert sim_task(sim, job_id)["status"] == "task_preprocess_end"
