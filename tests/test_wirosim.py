@@ -704,6 +704,18 @@ def test_output_modes(sim: Sim) -> None:
     assert sim.client.get(url).status_code == 200
 
 
+def test_output_faults_can_be_limited_to_the_first_downloads(sim: Sim) -> None:
+    task = wait_for(sim, run_ok(sim), TERMINAL)
+    url = task["outputs"][0]["url"]
+    sim.put_config(output_mode="404", output_faulty_downloads=2)
+    assert [sim.client.get(url).status_code for _ in range(4)] == [404, 404, 200, 200]
+    assert sim.client.get("/_sim/config").json()["output_faulty_downloads"] == 0
+    sim.put_config(output_mode="stall", output_stall_s=5, output_faulty_downloads=1)
+    with pytest.raises(httpx.ReadTimeout):
+        sim.client.get(url, timeout=0.5)
+    assert sim.client.get(url, timeout=0.5).status_code == 200
+
+
 # ---------------------------------------------------------------- control plane
 
 

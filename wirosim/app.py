@@ -423,6 +423,12 @@ def add_wiro_routes(app: FastAPI, state: SimState) -> None:
         redirect = state.config.output_redirect_url
         if redirect:  # every /cdn/ path: a redirect to /cdn/... loops
             return Response(status_code=302, headers={"Location": redirect})
+        left = state.config.output_faulty_downloads
+        if mode != "ok" and left is not None:
+            if left == 0:
+                mode = "ok"
+            else:
+                state.config = state.config.updated({"output_faulty_downloads": left - 1})
         if data is None or mode == "404":
             return Response("not found", status_code=404)
         if mode == "zeros":

@@ -94,6 +94,9 @@ class SimConfig(BaseModel):
     output_mode: OutputMode = "ok"
     output_size_bytes: int | None = Field(default=None, ge=0)
     output_stall_s: float = Field(default=60.0, ge=0)
+    # output_mode spoils only this many downloads, counted down here; then outputs are
+    # served whole (None: every download). Lets a test see a retry without racing it.
+    output_faulty_downloads: int | None = Field(default=None, ge=0)
     # Output URLs answer 302 to this URL (a hostile or compromised CDN); a path on the
     # simulator itself may be given relative, e.g. "/_sim/config".
     output_redirect_url: str | None = None
