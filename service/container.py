@@ -13,7 +13,7 @@ from service.fetch import Policy
 from service.queue import TaskQueue, make_celery
 from service.ratelimit import SubmitRateLimiter
 from service.settings import Settings
-from service.ssrf import AllowList
+from service.ssrf import AllowList, CachingResolver, Resolver
 from service.storage import Storage
 from service.wiro import WiroClient
 
@@ -35,6 +35,10 @@ class Services:
     # How Wiro's output URLs are read (service/fetch.py): a guarded GET per output, pinned
     # to the address each hop was checked against, so there is no shared client to keep.
     output_policy: Policy = field(repr=False)
+    # Clients' image URLs, when a worker fetches them itself (a job mixing files and URLs).
+    image_url_policy: Policy = field(repr=False)
+    # Resolves image URLs' hosts for the check at submit (cached: it is on the hot path).
+    submit_resolver: Resolver = field(repr=False)
 
     def close(self) -> None:
         """Release pools and connections."""
@@ -73,6 +77,8 @@ def build_services(settings: Settings, *, pool_size: int = 5) -> Services:
             timeout_s=settings.wiro_timeout_s,
         ),
         output_policy=output_policy(settings),
+        image_url_policy=image_url_policy(settings),
+        submit_resolver=CachingResolver(),
     )
 
 

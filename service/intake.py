@@ -218,6 +218,7 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
             return earlier
     if sub.webhook_url:
         check_webhook_url(svc, sub.webhook_url)
+    check_image_urls(svc, [i for i in sub.images if isinstance(i, str)])
     job_id = uuid.uuid4()
     limit = svc.settings.max_image_bytes
     inputs: list[jobs.NewInput] = []
@@ -324,6 +325,30 @@ def check_webhook_url(svc: Services, url: str) -> None:
         ) from exc
     except OSError as exc:
         log.info("webhook_url_unresolved", error=str(exc))
+
+
+def check_image_urls(svc: Services, urls: list[str]) -> None:
+    """Refuse image URLs into loopback/private/link-local/metadata ranges.
+
+    Wiro could not fetch them anyway, and the error it would report back tells what lies
+    behind it. A host that does not resolve here is let through (Wiro resolves it again);
+    IMAGE_URL_ALLOW_HOSTS exempts names, addresses and networks.
+    """
+    allow = svc.image_url_policy.allow
+    for n, url in enumerate(urls):
+        try:
+            ssrf.check_url(url, allow, resolve=svc.submit_resolver)
+        except ssrf.UrlRefused as exc:
+            refused = InputError(
+                "image_url_not_allowed",
+                f"not allowed: {exc.reason}",
+                field="image_urls",
+                position=n,
+            )
+            refused.message = f"image_urls[{n}] is not allowed: {exc.reason}"
+            raise refused from exc
+        except OSError as exc:
+            log.info("image_url_unresolved", position=n, error=str(exc))
 
 
 def _claim_key(s: Session, caller: Caller, request_hash: str, job_id: uuid.UUID) -> bool:

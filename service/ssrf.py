@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -133,6 +135,51 @@ def system_resolver(host: str, port: int) -> list[str]:
         if address not in seen:
             seen.append(address)
     return seen
+
+
+class CachingResolver:
+    """A resolver that remembers answers (and failures) for ``ttl_s``, per process.
+
+    For the checks at submit only, where a DNS query per image URL would be most of a
+    request's time; connections are never made from a cached answer (every fetch and
+    delivery resolves again and pins what it checked). By hand: a TTL map of a few lines
+    needs no dependency.
+    """
+
+    def __init__(
+        self,
+        resolve: Resolver = system_resolver,
+        *,
+        ttl_s: float = 30.0,
+        max_entries: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._resolve = resolve
+        self._ttl_s = ttl_s
+        self._max = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, int], tuple[float, Sequence[str] | OSError]] = {}
+
+    def __call__(self, host: str, port: int) -> Sequence[str]:
+        """The addresses of ``host``, or the OSError its last lookup raised."""
+        now = self._clock()
+        with self._lock:
+            hit = self._cache.get((host, port))
+        if hit is None or hit[0] <= now:
+            answer: Sequence[str] | OSError
+            try:
+                answer = tuple(self._resolve(host, port))
+            except OSError as exc:
+                answer = exc
+            with self._lock:
+                if len(self._cache) >= self._max:
+                    self._cache.clear()  # crude, and rare: a bound, not an LRU
+                self._cache[(host, port)] = (now + self._ttl_s, answer)
+            hit = (now + self._ttl_s, answer)
+        if isinstance(hit[1], OSError):
+            raise hit[1]
+        return hit[1]
 
 
 @dataclass(frozen=True)

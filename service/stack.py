@@ -201,6 +201,9 @@ class Stack:
         # The simulator serves the outputs itself, from loopback: name it, and only it.
         if "WIRO_OUTPUT_HOSTS" not in env:
             self.choose("WIRO_OUTPUT_HOSTS", f"127.0.0.1:{self.ports.sim}")
+        # Image URLs of the simulator's own files (an earlier task's inputs) are on loopback.
+        if "IMAGE_URL_ALLOW_HOSTS" not in env:
+            self.choose("IMAGE_URL_ALLOW_HOSTS", "127.0.0.1")
         self.start_process("sim", ["sim", "--port", str(self.ports.sim)], self.ports.sim)
 
     def start_process(self, name: str, args: list[str], port: int | None) -> ManagedProcess:

@@ -57,6 +57,8 @@ TEST_SETTINGS = {
     "MAX_IMAGE_BYTES": str(2 * 1024 * 1024),  # so oversize tests send megabytes, not 80
     # Webhook receivers in tests listen on 127.0.0.1; retries come within seconds.
     "WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+    # Image URLs served to the simulator from 127.0.0.1 (sample_urls, the sim's own files).
+    "IMAGE_URL_ALLOW_HOSTS": "127.0.0.1",
     "WEBHOOK_RETRY_SCHEDULE_S": "0,0.5,1,1",
     "WEBHOOK_TIMEOUT_S": "3",
     "LOG_LEVEL": "INFO",

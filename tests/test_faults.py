@@ -129,14 +129,20 @@ def faults(workdir: Path) -> Iterator[FaultStack]:
 
 
 @pytest.fixture(autouse=True)
-def _fresh(faults: FaultStack) -> None:
+def _fresh(faults: FaultStack) -> Iterator[None]:
     with faults.engine.begin() as conn:
         conn.execute(text("TRUNCATE jobs CASCADE"))
     faults.sim.post("/_sim/reset").raise_for_status()
     faults.sim.put("/_sim/config", json={"task_duration_s": 0.5}).raise_for_status()
-    for name in ("worker", "gateway", "beat"):
-        if not faults.stack.processes[name].running:
-            pytest.fail(f"{name} is not running at the start of the test")
+    yield
+    dead = [n for n in ("worker", "gateway", "beat") if not faults.stack.processes[n].running]
+    if dead:
+        # The test that left a process dead says so, with how it died; the process is
+        # restarted so that the tests after it still start on a whole stack.
+        tails = {n: faults.stack.log_of(n).read_text(errors="replace")[-3000:] for n in dead}
+        for name in dead:
+            faults.stack.processes[name].start()
+        pytest.fail(f"left dead by this test: {dead}; their logs ended:\n{tails}")
 
 
 def test_worker_killed_while_run_is_in_flight_gets_its_task_adopted(faults: FaultStack) -> None:

@@ -156,3 +156,43 @@ def test_error_bodies_are_bounded_and_echo_no_input(api: httpx.Client) -> None:
     assert len(problem["errors"]) <= 20
     assert len(r.content) < 16 * 1024
     assert "vvvvvvvvvv" not in r.text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.2:9/a.png",  # loopback (only 127.0.0.1 is allow-listed in tests)
+        "http://[::1]:9/a.png",
+        "http://10.0.0.5/a.png",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://192.168.1.1/a.png",
+    ],
+)
+def test_image_urls_into_private_networks_are_refused_at_submit(
+    api: httpx.Client, engine: Engine, s3: Any, stack: Stack, url: str
+) -> None:
+    before = stored(engine, s3, stack)
+    ok = "http://127.0.0.1:9/first.png"
+    r = api.post("/v1/jobs", json={"prompt": "x", "image_urls": [ok, url]})
+    body = assert_problem(r, 422, "image_url_not_allowed")
+    assert body["errors"][0]["loc"] == ["body", "image_urls", 1]
+    assert "image_urls[1]" in body["detail"]
+
+    multipart = api.post(
+        "/v1/jobs",
+        files=[*upload_files(sample(1)), ("image_urls", (None, url))],
+        data={"prompt": "x"},
+    )
+    assert_problem(multipart, 422, "image_url_not_allowed")
+    assert stored(engine, s3, stack) == before
+
+
+def test_image_urls_on_allow_listed_or_unresolvable_hosts_are_accepted(
+    api: httpx.Client,
+) -> None:
+    # 127.0.0.1 is in the test stack's IMAGE_URL_ALLOW_HOSTS; a name that does not
+    # resolve here is Wiro's to try (it may resolve there).
+    for url in ("http://127.0.0.1:9/a.png", "https://no-such-host.invalid/a.png"):
+        r = api.post("/v1/jobs", json={"prompt": "x", "image_urls": [url]})
+        assert r.status_code == 202, r.text
+        api.post(f"/v1/jobs/{r.json()['id']}/cancel")

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from service import ssrf
-from service.ssrf import AllowList, UrlRefused, check_url, refusal
+from service.ssrf import AllowList, CachingResolver, UrlRefused, check_url, refusal
 
 
 @pytest.mark.parametrize(
@@ -158,3 +158,25 @@ def test_pinned_request_keeps_ports_and_brackets_ipv6() -> None:
     assert url == "http://[2606:4700::1111]:8080/h"
     assert headers == {"host": "v6.example:8080"}
     assert extensions == {}
+
+
+def test_the_submit_resolver_remembers_answers_and_failures_for_its_ttl() -> None:
+    calls: list[str] = []
+    now = [0.0]
+
+    def resolve(host: str, port: int) -> list[str]:
+        calls.append(host)
+        if host == "gone.example":
+            raise socket.gaierror("no such name")
+        return ["93.184.216.34"]
+
+    cached = CachingResolver(resolve, ttl_s=30, clock=lambda: now[0])
+    assert cached("cdn.example", 443) == ("93.184.216.34",)
+    assert cached("cdn.example", 443) == ("93.184.216.34",)
+    for _ in range(2):
+        with pytest.raises(socket.gaierror):
+            cached("gone.example", 443)
+    assert calls == ["cdn.example", "gone.example"]
+    now[0] = 31.0
+    cached("cdn.example", 443)
+    assert calls == ["cdn.example", "gone.example", "cdn.example"]
