@@ -86,6 +86,19 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
         accepted = _run(svc, job, callback_url(svc.settings.public_url, job_id, token))
     except _NotSent:
         return  # the job ended (a deadline, a cancel) before its Run left; nothing to undo
+    except _InputFetchFailed as exc:
+        bound.warning("input_fetch_failed", position=exc.position, error=exc.detail)
+        with unit_of_work(svc) as s:
+            jobs.transition(
+                s,
+                job_id,
+                S.failed,
+                from_=[S.submitting],
+                detail={"position": exc.position},
+                error_code="input_fetch_failed",
+                error_message=exc.message,
+            )
+        return
     except WiroRefused as exc:
         _after_refusal(svc, job, exc, attempt)
         return
@@ -145,21 +158,44 @@ class _NotSent(Exception):
     """The job left ``submitting`` before its Run was sent: it must not be sent."""
 
 
+class _InputFetchFailed(Exception):
+    """An image URL of a job that mixes files and URLs could not be fetched or was refused."""
+
+    def __init__(self, position: int, public: str, detail: str) -> None:
+        super().__init__(public)
+        self.position = position
+        self.message = f"image {position}: {public}"
+        self.detail = detail
+
+
 def _run(svc: Services, job: Job, callback: str) -> Any:
+    # Wiro's docs do not promise the order of a combinefileinput that mixes file parts and
+    # URL values, and the first image is the one edited: a mixed job sends every image as
+    # a file part, in the client's order, fetching the URLs here first.
+    mixed = {item.kind for item in job.inputs} >= {"file", "url"}
     with ExitStack() as stack:
         parts = []
-        for item in job.inputs:
+        for n, item in enumerate(job.inputs):
             if item.kind == "file" and item.s3_key:
                 f = stack.enter_context(svc.storage.download_spooled(item.s3_key))
                 parts.append(
                     RunInput(file=f, filename=item.filename, content_type=item.content_type)
                 )
+            elif mixed and item.url:
+                parts.append(_fetched_input(svc, stack, n, item.url))
             else:
                 parts.append(RunInput(url=item.url))
         # From this commit on, Wiro may hold a task for this job. A job moved meanwhile (its
-        # deadline passed) is not sent at all.
+        # deadline passed) is not sent at all, nor one the sweep re-queued and another
+        # worker claimed while this one read its inputs (the claim set another token).
         with unit_of_work(svc) as s:
-            if not jobs.update_fields(s, job.id, when=[S.submitting], run_sent_at=func.now()):
+            if not jobs.update_fields(
+                s,
+                job.id,
+                when=[S.submitting],
+                guard=Job.callback_token_hash == job.callback_token_hash,
+                run_sent_at=func.now(),
+            ):
                 raise _NotSent
         return svc.wiro.run(
             inputs=parts,
@@ -168,6 +204,21 @@ def _run(svc: Services, job: Job, callback: str) -> Any:
             scale=job.scale,
             callback_url=callback,
         )
+
+
+def _fetched_input(svc: Services, stack: ExitStack, position: int, url: str) -> RunInput:
+    """Image ``position`` fetched from the client's URL (SSRF guard, size cap, sniffed)."""
+    spool = stack.enter_context(tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024))  # noqa: SIM115 - closed by the stack
+    try:
+        with fetch.open_url(url, svc.image_url_policy) as got:
+            for chunk in got.iter_bytes():
+                spool.write(chunk)
+            ctype = got.content_type
+    except FetchError as exc:
+        raise _InputFetchFailed(position, exc.public, str(exc)) from exc
+    spool.seek(0)
+    name = urlsplit(url).path.rsplit("/", 1)[-1] or f"image-{position}"
+    return RunInput(file=spool, filename=_UNSAFE.sub("_", name)[:100], content_type=ctype)
 
 
 def _is_concurrency(exc: WiroRefused) -> bool:

@@ -108,6 +108,54 @@ def test_image_urls_are_passed_to_wiro_as_values_in_order(
     assert [(f["kind"], f["value"]) for f in images] == [("value", u) for u in urls]
 
 
+def test_a_job_mixing_files_and_urls_sends_every_image_as_a_file_in_order(
+    api: httpx.Client, sim: httpx.Client, sample_urls: list[str]
+) -> None:
+    # URL first, file second: Wiro would see the file part and the value in an order its
+    # docs do not promise, so the worker fetches the URL and sends two file parts.
+    r = api.post(
+        "/v1/jobs",
+        files=[("image_urls", (None, sample_urls[0])), *upload_files(sample(2))],
+        data={"prompt": "make it blue"},
+    )
+    assert r.status_code == 202, r.text
+
+    done = wait_status(api, r.json()["id"])
+
+    assert done["status"] == "succeeded", done["error"]
+    run = sim.get("/_sim/runs").json()[-1]
+    images = [f for f in run["fields"] if f["name"] == "inputImage"]
+    assert [f["kind"] for f in images] == ["file", "file"]
+    assert [f["sha256"] for f in images] == [
+        hashlib.sha256(sample(n).read_bytes()).hexdigest() for n in (1, 2)
+    ]
+    assert images[0]["content_type"] == "image/jpeg"
+
+
+def test_a_mixed_job_whose_url_cannot_be_fetched_fails_before_any_run(
+    api: httpx.Client, sim: httpx.Client, sample_urls: list[str]
+) -> None:
+    missing = sample_urls[0].rsplit("/", 1)[0] + "/no-such-image.jpg"
+    not_an_image = sample_urls[0].rsplit("/", 1)[0] + "/make_samples.py"
+    ids = []
+    for url in (missing, not_an_image):
+        r = api.post(
+            "/v1/jobs",
+            files=[*upload_files(sample(1)), ("image_urls", (None, url))],
+            data={"prompt": "make it blue"},
+        )
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+
+    for job_id in ids:
+        done = wait_status(api, job_id)
+        assert done["status"] == "failed"
+        assert done["error"]["code"] == "input_fetch_failed"
+        assert done["error"]["message"].startswith("image 1: ")
+        assert "127.0.0.1" not in done["error"]["message"]
+    assert sim.get("/_sim/runs").json() == []
+
+
 def test_dropped_callback_is_recovered_by_sweep(api: httpx.Client, sim: httpx.Client) -> None:
     sim.put("/_sim/config", json={"drop_callbacks": 1.0}).raise_for_status()
     job = submit_samples(api)
