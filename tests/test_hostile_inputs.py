@@ -14,8 +14,9 @@ from PIL import Image
 from sqlalchemy import Engine
 
 from service.stack import Stack
-from tests.conftest import sample, upload_files
+from tests.conftest import sample, upload_files, wait_for, wait_status
 from tests.test_api_input import assert_problem, stored
+from tests.test_webhooks import Receiver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean")]
 
@@ -196,3 +197,60 @@ def test_image_urls_on_allow_listed_or_unresolvable_hosts_are_accepted(
         r = api.post("/v1/jobs", json={"prompt": "x", "image_urls": [url]})
         assert r.status_code == 202, r.text
         api.post(f"/v1/jobs/{r.json()['id']}/cancel")
+
+
+def nastiest_metadata() -> dict[str, Any]:
+    """Accepted, but at every limit: 32 deep, about 2,000 nodes, odd but storable text."""
+    value: Any = {"leaf": "\u202e\U0001f600\t\x01\x7f\ufeff"}
+    for _ in range(28):
+        value = {"d": value}
+    return {
+        "deep": value,
+        "wide": {f"k{i}\u00e9": [i, i * 0.5, None, True] for i in range(300)},
+        "neg": -(2**63),
+        "": "",
+    }
+
+
+def test_the_nastiest_accepted_values_render_through_every_route_and_the_webhook(
+    api: httpx.Client, admin_api: httpx.Client, keys: dict[str, Any], stack: Stack
+) -> None:
+    receiver = Receiver()
+    try:
+        metadata = nastiest_metadata()
+        prompt = ("\u202e\U0001f600 a\tb\r\n" * 250)[:2000]
+        r = api.post(
+            "/v1/jobs",
+            files=upload_files(sample(1)),
+            data={
+                "prompt": prompt,
+                "metadata": json.dumps(metadata),
+                "webhook_url": receiver.url(),
+            },
+        )
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        assert r.json()["metadata"] == metadata
+
+        done = wait_status(api, job_id)
+        assert done["status"] == "succeeded", done["error"]
+        for client, path in [
+            (api, f"/v1/jobs/{job_id}"),
+            (api, "/v1/jobs"),
+            (admin_api, f"/v1/jobs/{job_id}"),
+            (admin_api, "/v1/admin/jobs"),
+            (api, f"/v1/jobs/{job_id}/events"),
+        ]:
+            got = client.get(path)
+            assert got.status_code == 200, (path, got.text[:500])
+        assert api.get(f"/v1/jobs/{job_id}").json()["metadata"] == metadata
+        assert api.get(f"/v1/jobs/{job_id}").json()["prompt"] == prompt
+
+        def hooks() -> list[dict[str, Any]] | None:
+            payloads = [h.verify(keys["app-a"].webhook_secret) for h in receiver.received()]
+            return payloads if any(p["type"] == "job.succeeded" for p in payloads) else None
+
+        payloads = wait_for(hooks, timeout=30, what="the job.succeeded webhook")
+        assert all(p["data"]["metadata"] == metadata for p in payloads)
+    finally:
+        receiver.close()
