@@ -44,6 +44,7 @@ class Subscription:
     def __init__(self, hub: JobEvents, job_id: uuid.UUID) -> None:
         self._hub = hub
         self.job_id = job_id
+        self.holder: str | None = None
         self._flag = asyncio.Event()
 
     def wake(self) -> None:
@@ -80,8 +81,21 @@ class Subscription:
         self.close()
 
 
+class TooManyWaiters(Exception):
+    """Subscribing would pass a cap: the holder's (``per_key``) or the process's."""
+
+    def __init__(self, scope: str, limit: int) -> None:
+        super().__init__(f"{scope} limit of {limit} reached")
+        self.scope = scope
+        self.limit = limit
+
+
 class JobEvents:
-    """The process's listener on ``job_events`` and the registry of its waiters."""
+    """The process's listener on ``job_events`` and the registry of its waiters.
+
+    Waiters are capped per holder (an API key) and in all, so that one client cannot tie
+    up a process with idle streams and holds, nor make one event fan out without bound.
+    """
 
     def __init__(
         self,
@@ -90,8 +104,13 @@ class JobEvents:
         health_check_s: float = 30.0,
         backoff_min_s: float = 0.25,
         backoff_max_s: float = 10.0,
+        max_waiters: int | None = None,
+        max_waiters_per_holder: int | None = None,
     ) -> None:
         self._dsn = dsn
+        self._max_waiters = max_waiters
+        self._max_per_holder = max_waiters_per_holder
+        self._holders: dict[str, weakref.WeakSet[Subscription]] = {}
         self._health_check_s = health_check_s
         self._backoff_min_s = backoff_min_s
         self._backoff_max_s = backoff_max_s
@@ -142,10 +161,21 @@ class JobEvents:
         self._connected.clear()
         self._wake_all()
 
-    def subscribe(self, job_id: uuid.UUID) -> Subscription:
-        """A new waiter for ``job_id``; close it (or use it as a context manager) when done."""
+    def subscribe(self, job_id: uuid.UUID, holder: str | None = None) -> Subscription:
+        """A new waiter for ``job_id``; close it (or use it as a context manager) when done.
+
+        ``TooManyWaiters`` when ``holder`` already holds its share, or the process its.
+        """
+        if self._max_waiters is not None and self.waiting >= self._max_waiters:
+            raise TooManyWaiters("process", self._max_waiters)
+        held = self._holders.get(holder) if holder is not None else None
+        if self._max_per_holder is not None and held and len(held) >= self._max_per_holder:
+            raise TooManyWaiters("per_key", self._max_per_holder)
         sub = Subscription(self, job_id)
         self._waiters.setdefault(job_id, weakref.WeakSet()).add(sub)
+        if holder is not None:
+            self._holders.setdefault(holder, weakref.WeakSet()).add(sub)
+            sub.holder = holder
         return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
@@ -154,6 +184,12 @@ class JobEvents:
             subs.discard(sub)
             if not subs:
                 del self._waiters[sub.job_id]
+        holder = sub.holder
+        held = self._holders.get(holder) if holder is not None else None
+        if holder is not None and held is not None:
+            held.discard(sub)
+            if not held:
+                del self._holders[holder]
 
     def dispatch(self, payload: str) -> None:
         """Wake the waiters of the job a notification names (``<job_id>:<event_id>``)."""

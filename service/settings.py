@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(50_000_000, ge=1)
     # The largest application/json request body, refused while it streams in.
     max_json_bytes: int = Field(1024 * 1024, ge=1024)
+    # A request body that stops coming for this long is answered 408 and its connection
+    # closed (a client idle mid-body held a connection 180 s and more).
+    body_read_timeout_s: float = Field(30.0, gt=0)
+    # Open SSE streams and Prefer: wait holds, together, per gateway process: in all and
+    # per API key (past them: 429 with Retry-After; a submit's Prefer: wait is ignored).
+    max_waiters: int = Field(2000, ge=1)
+    max_waiters_per_key: int = Field(100, ge=1)
     # Image URLs are refused at submit (422 image_url_not_allowed) when their host resolves
     # to a loopback/private/link-local/metadata address, unless listed here (names, IPs or
     # CIDR networks, comma-separated), as WEBHOOK_ALLOW_HOSTS.

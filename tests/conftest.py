@@ -51,6 +51,8 @@ TEST_SETTINGS = {
     "WIRO_TIMEOUT_S": "5",
     "OUTPUT_READ_TIMEOUT_S": "5",
     "OUTPUT_READ_DEADLINE_S": "8",
+    "BODY_READ_TIMEOUT_S": "2",
+    "MAX_WAITERS_PER_KEY": "20",  # tests/test_slow_clients.py opens one more than this
     "FINALIZE_ATTEMPTS": "2",
     "SSE_KEEPALIVE_S": "1",
     "S3_BUCKET": "dreamgate-test",

@@ -91,7 +91,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         # (Directly to PostgreSQL when DATABASE_URL is a transaction pooler.)
         settings = app.state.services.settings
         app.state.live = JobEvents(
-            listen_dsn(settings.database_listen_url or settings.database_url)
+            listen_dsn(settings.database_listen_url or settings.database_url),
+            max_waiters=settings.max_waiters,
+            max_waiters_per_holder=settings.max_waiters_per_key,
         )
         await app.state.live.start()
         restore = drain_on_signals(asyncio.get_running_loop(), app.state.live.drain)
@@ -127,7 +129,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(metrics.router, include_in_schema=False)
     errors.document_problems(app)
     openapi.publish(app)
-    app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
+    app.add_middleware(
+        BodyLimit, limit=cfg.max_request_bytes, read_timeout_s=cfg.body_read_timeout_s
+    )
     app.add_middleware(RequestContext)  # outermost: every line of the request has its id
     if provider is not None:
         tracing.instrument_app(app, provider)

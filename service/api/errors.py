@@ -9,9 +9,12 @@ import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from service.live import TooManyWaiters
 
 PROBLEM_TYPE = "https://dreamgate.dev/problems/"
 log = structlog.get_logger(__name__)
@@ -192,6 +195,12 @@ def install(app: FastAPI) -> None:
             headers={"Retry-After": "5"},
         )
 
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client left mid-body: nobody reads an answer, and it is no error of ours.
+        log.info("client_disconnected", path=request.url.path, method=request.method)
+        return Response(status_code=400)
+
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled", path=request.url.path)
@@ -244,3 +253,14 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         }
         for s in statuses
     }
+
+
+def too_many_waiters(exc: TooManyWaiters, what: str) -> ProblemError:
+    """The 429 for a stream or hold past the key's or the process's cap."""
+    whose = "this key's" if exc.scope == "per_key" else "this server's"
+    return ProblemError(
+        429,
+        "too_many_waiters",
+        f"{whose} limit of {exc.limit} open SSE streams and {what} is reached",
+        headers={"Retry-After": "5"},
+    )

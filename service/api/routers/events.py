@@ -15,12 +15,12 @@ from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.api.deps import PrincipalDep, ServicesDep
-from service.api.errors import ProblemError, responses
+from service.api.errors import ProblemError, responses, too_many_waiters
 from service.api.schemas import EventOut
 from service.auth import Principal
 from service.container import Services
 from service.db import transaction
-from service.live import JobEvents, Subscription
+from service.live import JobEvents, Subscription, TooManyWaiters
 from service.models import TERMINAL, Job, JobEvent, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -38,7 +38,8 @@ resuming), `event:` (`transition`, or the kind of a note) and `data:` (the event
 job's `timeline` shows it, plus `status`: the job's status as of that event). A comment
 line is sent as a keep-alive while nothing happens (every SSE_KEEPALIVE_S seconds). The
 stream ends after the event that moved the job to `succeeded`, `failed` or `canceled`; for
-a job already finished, right after the replay.
+a job already finished, right after the replay. A key may hold `MAX_WAITERS_PER_KEY` streams
+and `Prefer: wait` holds at once per gateway process (429 with `Retry-After` past it).
 """
 
 
@@ -135,7 +136,7 @@ async def _follow(
                 }
             },
         },
-        **responses(401, 404, 422),
+        **responses(401, 404, 422, 429),
     },
 )
 async def job_events(
@@ -158,7 +159,10 @@ async def job_events(
 ) -> EventSourceResponse:
     hub: JobEvents = request.app.state.live
     cursor = _cursor(last_event_id, after)
-    sub = hub.subscribe(job_id)  # before the first read, so nothing falls in between
+    try:
+        sub = hub.subscribe(job_id, str(who.key_id))  # before the first read: no gap
+    except TooManyWaiters as exc:
+        raise too_many_waiters(exc, "Prefer: wait holds") from exc
     try:
         first = await run_in_threadpool(_read, svc, job_id, who, cursor)
     except BaseException:

@@ -15,10 +15,11 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import ValidationError
 from sqlalchemy import select
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from service import admission, intake, jobs, live, pipeline, usage
 from service.api.deps import PrincipalDep, ServicesDep
-from service.api.errors import ProblemError, field_problem, mib, responses
+from service.api.errors import ProblemError, field_problem, mib, responses, too_many_waiters
 from service.api.schemas import (
     SEED_PROMPT,
     WEBHOOK_EVENTS,
@@ -104,17 +105,32 @@ def _status(svc: Services, job_id: uuid.UUID) -> JobStatus | None:
 
 
 async def _load_waiting(
-    request: Request, svc: Services, job_id: uuid.UUID, who: Principal, seconds: int
+    request: Request,
+    svc: Services,
+    job_id: uuid.UUID,
+    who: Principal,
+    seconds: int,
+    *,
+    response: Response | None = None,
 ) -> JobOut:
     """The job once it is terminal, or as it is after ``seconds``.
 
     The wait holds neither a database connection nor a thread: it sleeps on the process's
-    LISTEN hub and re-reads the status (briefly, in the thread pool) when woken.
+    LISTEN hub and re-reads the status (briefly, in the thread pool) when woken. Past the
+    caps on waiters, a read is refused (429); a submit, whose job exists already, is
+    answered at once without ``Preference-Applied`` (``response`` given).
     """
     hub: live.JobEvents = request.app.state.live
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    with hub.subscribe(job_id) as sub:  # subscribe before reading: no news falls between
+    try:
+        sub = hub.subscribe(job_id, str(who.key_id))
+    except live.TooManyWaiters as exc:
+        if response is None:
+            raise too_many_waiters(exc, "Prefer: wait holds") from exc
+        del response.headers["Preference-Applied"]
+        return await run_in_threadpool(_load, svc, job_id, who)
+    with sub:  # subscribed before reading: no news falls between
         job = await run_in_threadpool(_load, svc, job_id, who)
         if job.status.terminal:
             return job
@@ -199,6 +215,8 @@ async def _parse_multipart(request: Request, svc: Services) -> intake.Submission
     max_images = svc.settings.max_images
     try:
         form = await request.form(max_files=max_images + 1, max_fields=max_images + 16)
+    except ClientDisconnect:
+        raise  # not a malformed body: the client left (errors.py logs it once)
     except Exception as exc:  # python-multipart raises several types for broken bodies
         raise ProblemError(400, "malformed_body", f"malformed multipart body: {exc}") from exc
     images: list[intake.Upload | str] = []
@@ -402,7 +420,7 @@ async def create_job(
             return JSONResponse(accepted.response, 202, headers=replay)
         response.headers.update(replay)
         if wait is not None:
-            return await _load_waiting(request, svc, accepted.job_id, who, wait)
+            return await _load_waiting(request, svc, accepted.job_id, who, wait, response=response)
         return await run_in_threadpool(_load, svc, accepted.job_id, who)
     response.headers.update(location)
     if spend is not None:
@@ -416,7 +434,7 @@ async def create_job(
             intake.remember_response, svc, caller, accepted.job_id, job.model_dump(mode="json")
         )
     if wait is not None and not job.status.terminal:
-        return await _load_waiting(request, svc, accepted.job_id, who, wait)
+        return await _load_waiting(request, svc, accepted.job_id, who, wait, response=response)
     # Serialised once, here: returned as a model, FastAPI would validate it again against
     # the response model it was just built from (a third of a JSON submit's CPU).
     return Response(
@@ -434,11 +452,13 @@ async def create_job(
     description=(
         "Status, Wiro's own status, the timeline, outputs with presigned URLs, error. With "
         "`Prefer: wait=N` (as Replicate) the answer is held up to N ≤ 60 seconds until the "
-        "job is terminal, then the job is answered as it is."
+        "job is terminal, then the job is answered as it is. Past the caps on open SSE "
+        "streams and holds (`MAX_WAITERS_PER_KEY`, `MAX_WAITERS` per gateway process) a "
+        "held read is refused: 429 with `Retry-After`."
     ),
     responses={
         200: {"description": "The job", "headers": _headers("Preference-Applied")},
-        **responses(401, 404, 422),
+        **responses(401, 404, 422, 429),
     },
 )
 async def get_job(

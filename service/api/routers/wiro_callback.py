@@ -43,19 +43,11 @@ def taskid_hint(body: bytes, content_type: str) -> str | None:
     return None
 
 
-def _check_token(svc: Services, job_id: uuid.UUID, token: str, hint: str | None) -> None:
+def _check_token(svc: Services, job_id: uuid.UUID, token: str) -> bool:
+    """Refuse an unknown job, a wrong token (403) or a spent one (410), before any body is
+    read; True when the job waits for its Run's answer (a taskid in the body then counts)."""
     with transaction(svc.sessions) as s:
         job = jobs.get(s, job_id, full=False)
-        if (
-            job is not None
-            and hint
-            and job.status == S.submitting
-            and job.wiro_taskid is None
-            and job.run_sent_at is not None
-            and jobs.token_matches(token, job.callback_token_hash or "0" * 64)
-        ):
-            # The Run's answer never came: this callback is the only word of the task.
-            jobs.note(s, job_id, jobs.CALLBACK_HINT, {"taskid": hint})
     stored = job.callback_token_hash if job else None
     # Same work for unknown jobs and wrong tokens: the answer reveals nothing.
     if not jobs.token_matches(token, stored or "0" * 64) or job is None:
@@ -65,6 +57,20 @@ def _check_token(svc: Services, job_id: uuid.UUID, token: str, hint: str | None)
         # The token served its purpose; a replay of it can only be noise or an attack.
         log.info("callback_token_reused", job_id=str(job_id), status=job.status)
         raise ProblemError(410, "callback_token_used", "the job is finished; this URL is spent")
+    return job.status == S.submitting and job.wiro_taskid is None and job.run_sent_at is not None
+
+
+def _note_hint(svc: Services, job_id: uuid.UUID, hint: str) -> None:
+    """The Run's answer never came: this callback is the only word of the task."""
+    with transaction(svc.sessions) as s:
+        job = jobs.get(s, job_id, full=False)
+        if (
+            job is not None
+            and job.status == S.submitting
+            and job.wiro_taskid is None
+            and job.run_sent_at is not None
+        ):
+            jobs.note(s, job_id, jobs.CALLBACK_HINT, {"taskid": hint})
 
 
 @router.post(
@@ -84,13 +90,16 @@ async def wiro_callback(
     svc: ServicesDep,
     token: str = Query(min_length=1, max_length=200),
 ) -> Accepted:
+    structlog.contextvars.bind_contextvars(job_id=str(job_id))
+    # The token first: a caller without it never gets to send us a body.
+    awaiting_run = await run_in_threadpool(_check_token, svc, job_id, token)
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY:
             raise ProblemError(413, "payload_too_large", "callback body too large")
-    structlog.contextvars.bind_contextvars(job_id=str(job_id))
     hint = taskid_hint(body, request.headers.get("content-type", ""))
-    await run_in_threadpool(_check_token, svc, job_id, token, hint)
+    if hint and awaiting_run:
+        await run_in_threadpool(_note_hint, svc, job_id, hint)
     await run_in_threadpool(svc.queue.reconcile, job_id, source="callback", taskid=hint)
     return Accepted()

@@ -1,0 +1,144 @@
+"""Slow, idle and many clients cost the gateway little (issue 13, point 5).
+
+Raw sockets where httpx would be too polite: a body that stops coming, a callback sent
+without its body, a client that leaves mid-body.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from contextlib import ExitStack
+
+import httpx
+import pytest
+
+from service.auth import IssuedKey
+from service.stack import Stack
+from tests.conftest import sample, upload_files
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean")]
+
+
+def gateway(stack: Stack) -> tuple[str, int]:
+    port = int(stack.env["PUBLIC_URL"].rsplit(":", 1)[1])
+    return "127.0.0.1", port
+
+
+def head_of_answer(conn: socket.socket, timeout: float = 10) -> bytes:
+    conn.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def partial_submit(key: str, ctype: str = "application/json") -> bytes:
+    """The headers of a submit and the first part of its body, never the rest."""
+    if ctype.startswith("multipart/"):
+        start = '--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx'
+    else:
+        start = '{"prompt": "x", '
+    return (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: {ctype}\r\nContent-Length: 1000\r\n\r\n{start}"
+    ).encode()
+
+
+def test_a_body_that_stops_coming_is_a_408_and_its_connection_closed(
+    stack: Stack, keys: dict[str, IssuedKey]
+) -> None:
+    with socket.create_connection(gateway(stack)) as conn:
+        conn.sendall(partial_submit(keys["app-a"].key))
+        answer = head_of_answer(conn)  # BODY_READ_TIMEOUT_S is 2 in tests
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"application/problem+json" in answer
+        assert b"connection: close" in answer.lower()
+        rest = b""
+        while chunk := conn.recv(4096):
+            rest += chunk
+        assert b"request_timeout" in answer + rest  # and then the server closed
+
+
+def test_a_callback_is_refused_on_its_token_before_its_body_is_read(stack: Stack) -> None:
+    # The body is announced and never sent: only a check made before reading it answers.
+    with socket.create_connection(gateway(stack)) as conn:
+        conn.sendall(
+            f"POST /v1/wiro/callbacks/{uuid.uuid4()}?token=guess HTTP/1.1\r\nHost: gateway\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n".encode()
+        )
+        started = time.monotonic()
+        answer = head_of_answer(conn)
+    assert answer.startswith(b"HTTP/1.1 403 "), answer
+    # Not the body timeout's 408 (2 s in tests) turned into something else.
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("ctype", ["application/json", "multipart/form-data; boundary=b"])
+def test_a_client_that_leaves_mid_body_is_logged_once_at_info(
+    stack: Stack, keys: dict[str, IssuedKey], ctype: str
+) -> None:
+    log = stack.log_of("gateway")
+    before = log.read_text().count("client_disconnected")
+    errors_before = log.read_text().count('"level": "error"')
+    with socket.create_connection(gateway(stack)) as conn:
+        conn.sendall(partial_submit(keys["app-a"].key, ctype))
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while log.read_text().count("client_disconnected") == before:
+        assert time.monotonic() < deadline, "no client_disconnected line"
+        time.sleep(0.1)
+    time.sleep(0.5)  # a second line, if any, would come now
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if "client_disconnected" in line]
+    assert len(lines) == before + 1
+    assert '"level": "info"' in lines[-1]
+    assert text.count('"level": "error"') == errors_before
+
+
+def test_streams_and_holds_past_a_keys_cap_are_429_and_other_keys_are_not_held_back(
+    stack: Stack, api: httpx.Client, keys: dict[str, IssuedKey]
+) -> None:
+    cap = int(stack.env["MAX_WAITERS_PER_KEY"])
+    r = api.post("/v1/jobs", files=upload_files(sample(1)), data={"prompt": "x"})
+    job_id = r.json()["id"]
+    sim = httpx.Client(base_url=stack.env["WIRO_BASE_URL"].removesuffix("/v1"))
+    sim.put("/_sim/config", json={"task_duration_s": 60}).raise_for_status()
+    base = stack.env["PUBLIC_URL"]
+    with ExitStack() as streams:
+        client = streams.enter_context(
+            httpx.Client(base_url=base, headers={"Authorization": f"Bearer {keys['app-a'].key}"})
+        )
+        for _ in range(cap):
+            stream = streams.enter_context(client.stream("GET", f"/v1/jobs/{job_id}/events"))
+            assert stream.status_code == 200
+        over = client.get(f"/v1/jobs/{job_id}/events")
+        assert over.status_code == 429, over.text
+        assert over.headers["content-type"] == "application/problem+json"
+        assert over.json()["code"] == "too_many_waiters"
+        assert int(over.headers["retry-after"]) > 0
+        held = client.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=5"})
+        assert held.status_code == 429
+        # A submit's Prefer: wait is not refused (its job exists): it answers at once.
+        started = time.monotonic()
+        submitted = client.post(
+            "/v1/jobs",
+            files=upload_files(sample(1)),
+            data={"prompt": "x"},
+            headers={"Prefer": "wait=30"},
+        )
+        assert submitted.status_code == 202
+        assert "preference-applied" not in submitted.headers
+        assert time.monotonic() - started < 20
+        # Another key's streams are its own.
+        other = httpx.Client(
+            base_url=base, headers={"Authorization": f"Bearer {keys['app-b'].key}"}
+        )
+        with other, other.stream("GET", f"/v1/jobs/{job_id}/events") as theirs:
+            assert theirs.status_code == 404  # not their job: the cap did not answer
+    # Streams closed: the key may open them again.
+    assert api.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=1"}).status_code == 200
