@@ -16,7 +16,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from service import images, jobs, ssrf, thumbnails
+from service import images, jobs, ssrf, storage, thumbnails
 from service.container import Services
 from service.db import transaction
 from service.models import IdempotencyKey, Job
@@ -25,7 +25,6 @@ from service.uow import unit_of_work
 from service.views import JobOut, job_out
 
 ALLOWED_FORMATS = images.ALLOWED_FORMATS
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 log = structlog.get_logger(__name__)
 
 
@@ -179,12 +178,6 @@ def sniff_image(file: IO[bytes], *, max_pixels: int) -> str:
         raise InputError(exc.code, exc.message, field="images") from exc
 
 
-def input_key(job_id: uuid.UUID, position: int, filename: str) -> str:
-    """Where an uploaded input lives in S3."""
-    safe = _UNSAFE.sub("_", filename).strip("._") or "image"
-    return f"inputs/{job_id}/{position}-{safe[:100]}"
-
-
 IDEMPOTENCY_TTL = timedelta(hours=24)
 
 
@@ -231,7 +224,7 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
                 ctype = sniff_image(image.file, max_pixels=svc.settings.max_image_pixels)
             except InputError as exc:
                 raise exc.at(n, image.filename) from exc
-            key = input_key(job_id, n, image.filename)
+            key = storage.input_key(job_id, n, image.filename)
             try:
                 stored = svc.storage.put_stream(key, image.file, content_type=ctype, limit=limit)
             except TooLarge as exc:
@@ -247,7 +240,9 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
                     content_type=ctype,
                     size=stored.size,
                     sha256=stored.sha256,
-                    thumb_key=_thumbnail(svc, image.file, thumbnails.key(job_id, "inputs", n)),
+                    thumb_key=_thumbnail(
+                        svc, image.file, storage.thumbnail_key(job_id, "inputs", n)
+                    ),
                 )
             )
         fields: dict[str, Any] = {

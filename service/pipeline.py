@@ -12,7 +12,6 @@ exception is the copy of a succeeded job's outputs, which runs inline in the ste
 from __future__ import annotations
 
 import random
-import re
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import case, delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from service import admission, fetch, jobs, metrics, privacy, thumbnails, tracing
+from service import admission, fetch, jobs, metrics, privacy, storage, thumbnails, tracing
 from service.container import Services
 from service.fetch import FetchError, FetchRefused
 from service.models import TERMINAL, Job, JobEvent, JobOutput, WiroStatusSeen
@@ -218,7 +217,9 @@ def _fetched_input(svc: Services, stack: ExitStack, position: int, url: str) -> 
         raise _InputFetchFailed(position, exc.public, str(exc)) from exc
     spool.seek(0)
     name = urlsplit(url).path.rsplit("/", 1)[-1] or f"image-{position}"
-    return RunInput(file=spool, filename=_UNSAFE.sub("_", name)[:100], content_type=ctype)
+    return RunInput(
+        file=spool, filename=storage.safe_name(name, f"image-{position}"), content_type=ctype
+    )
 
 
 def _is_concurrency(exc: WiroRefused) -> bool:
@@ -538,14 +539,6 @@ def _note_unknown_status(s: Any, status: str) -> None:
 
 # -- finalize ----------------------------------------------------------------------------
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def output_key(job_id: uuid.UUID, position: int, name: str) -> str:
-    """Where output ``position`` of a job lives in S3."""
-    safe = _UNSAFE.sub("_", name).strip("._") or "output"
-    return f"outputs/{job_id}/{position}-{safe[:100]}"
-
 
 def finalize(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
     """Copy every output not yet copied from Wiro's URL into S3, then mark the job done."""
@@ -557,13 +550,13 @@ def finalize(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
     for n, out in enumerate(job.wiro_outputs or []):
         if n in done:
             continue
-        key = output_key(job_id, n, str(out.get("name") or f"{n}.png"))
+        key = storage.output_key(job_id, n, str(out.get("name") or f"{n}.png"))
         spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)  # noqa: SIM115 - closed below
         try:
             stored, ctype = copy_url(
                 svc, str(out["url"]), key, str(out.get("content_type") or ""), tee=spool
             )
-            thumb = _output_thumbnail(svc, spool, thumbnails.key(job_id, "outputs", n))
+            thumb = _output_thumbnail(svc, spool, storage.thumbnail_key(job_id, "outputs", n))
         except (BotoCoreError, ClientError) as exc:
             # Our own storage failing is no reason to give up on the job: retry, uncounted.
             message = f"output {n}: storage: {type(exc).__name__}: {exc}"

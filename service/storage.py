@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -35,6 +37,32 @@ SPOOL_BYTES = 4 * 1024 * 1024
 # transfer manager (its thread pool per call costs more than a small PUT); a longer one
 # keeps this much more in memory while it is copied.
 SMALL_STREAM_BYTES = 4 * 1024 * 1024
+
+
+# -- where each object lives -------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+ThumbnailKind = Literal["inputs", "outputs"]
+
+
+def safe_name(name: str, default: str) -> str:
+    """A file name reduced to ``[A-Za-z0-9._-]``, at most 100 characters."""
+    return _UNSAFE.sub("_", name).strip("._")[:100] or default
+
+
+def input_key(job_id: uuid.UUID, position: int, filename: str) -> str:
+    """Where an uploaded input lives."""
+    return f"inputs/{job_id}/{position}-{safe_name(filename, 'image')}"
+
+
+def output_key(job_id: uuid.UUID, position: int, name: str) -> str:
+    """Where output ``position`` of a job lives."""
+    return f"outputs/{job_id}/{position}-{safe_name(name, 'output')}"
+
+
+def thumbnail_key(job_id: uuid.UUID, kind: ThumbnailKind, position: int) -> str:
+    """Where the thumbnail of input or output ``position`` lives."""
+    return f"thumbs/{job_id}/{kind}-{position}.jpg"
 
 
 # Lifecycle rules with these ids are ours (``set_retention``); any other is left alone.

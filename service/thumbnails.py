@@ -9,8 +9,7 @@ failure to make one leaves ``thumb_key`` empty and changes nothing else.
 from __future__ import annotations
 
 import io
-import uuid
-from typing import IO, Literal
+from typing import IO
 
 import structlog
 from PIL import Image
@@ -19,12 +18,6 @@ log = structlog.get_logger()
 
 SIZE_PX = 256  # the longer side
 QUALITY = 80
-Kind = Literal["inputs", "outputs"]
-
-
-def key(job_id: uuid.UUID, kind: Kind, position: int) -> str:
-    """Where the thumbnail of input or output ``position`` lives in S3."""
-    return f"thumbs/{job_id}/{kind}-{position}.jpg"
 
 
 def make(file: IO[bytes]) -> bytes | None:

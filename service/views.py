@@ -74,6 +74,18 @@ class EventOut(BaseModel):
 
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
 
+    @classmethod
+    def of(cls, e: JobEvent) -> EventOut:
+        """The timeline entry of one ``job_events`` row (the job body and SSE alike)."""
+        return cls(
+            id=e.id,
+            at=e.at,
+            kind=e.kind,
+            from_status=e.from_status,
+            to_status=e.to_status,
+            detail=e.detail,
+        )
+
 
 class ErrorOut(BaseModel):
     code: str
@@ -391,14 +403,7 @@ def job_out(
         if job.error_code
         else None,
         timeline=[
-            EventOut(
-                id=e.id,
-                at=e.at,
-                kind=e.kind,
-                from_status=e.from_status,
-                to_status=e.to_status,
-                detail=e.detail,
-            )
+            EventOut.of(e)
             for e in job.events
             # Progress notes are for the SSE stream and webhooks; `progress` shows the newest.
             if e.kind != "progress"

@@ -72,14 +72,7 @@ def _read(svc: Services, job_id: uuid.UUID, who: Principal | None, after: int) -
                 is_terminal = JobStatus(e.to_status) in TERMINAL
             if e.id <= after:
                 continue
-            body: dict[str, Any] = EventOut(
-                id=e.id,
-                at=e.at,
-                kind=e.kind,
-                from_status=e.from_status,
-                to_status=e.to_status,
-                detail=e.detail,
-            ).model_dump(mode="json")
+            body: dict[str, Any] = EventOut.of(e).model_dump(mode="json")
             body["status"] = status
             events.append(ServerSentEvent(json.dumps(body), id=str(e.id), event=e.kind))
             last_id = e.id
