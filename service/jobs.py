@@ -9,10 +9,7 @@ polls racing callbacks and redelivered Celery messages harmless.
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
-import secrets
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -75,22 +72,6 @@ class NewInput:
     size: int | None = None
     sha256: str | None = None
     thumb_key: str | None = None
-
-
-def new_callback_token() -> tuple[str, str]:
-    """A fresh per-job callback token and the hash that is stored in its place."""
-    token = secrets.token_urlsafe(32)
-    return token, hash_token(token)
-
-
-def hash_token(token: str) -> str:
-    """The stored form of a callback token."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def token_matches(token: str, stored_hash: str) -> bool:
-    """Constant-time check of a presented callback token against its stored hash."""
-    return hmac.compare_digest(hash_token(token), stored_hash)
 
 
 # A job's priority as the API names it, and as stored (higher goes first within an owner).

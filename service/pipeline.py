@@ -18,14 +18,24 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import case, delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from service import admission, fetch, jobs, metrics, privacy, storage, thumbnails, tracing
+from service import (
+    admission,
+    callbacks,
+    fetch,
+    jobs,
+    metrics,
+    privacy,
+    storage,
+    thumbnails,
+    tracing,
+)
 from service.container import Services
 from service.fetch import FetchError, FetchRefused
 from service.models import TERMINAL, Job, JobEvent, JobOutput, WiroStatusSeen
@@ -47,18 +57,10 @@ from service.wiro import (
 
 log = structlog.get_logger(__name__)
 
-CALLBACK_PATH = "/v1/wiro/callbacks/{job_id}"
-
 
 def _first_poll(svc: Services) -> Any:
     """When the sweep should first ask Wiro about a job that just had news."""
     return func.now() + timedelta(seconds=svc.settings.callback_grace_s)
-
-
-def callback_url(public_url: str, job_id: uuid.UUID, token: str) -> str:
-    """The URL Wiro calls when the job's task ends (with the trace context when traced)."""
-    path = CALLBACK_PATH.format(job_id=job_id)
-    return public_url.rstrip("/") + path + f"?token={token}" + tracing.callback_query()
 
 
 def backoff_s(attempt: int, *, base: float = 2.0, cap: float = 300.0) -> float:
@@ -75,14 +77,17 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
     The job holds a slot from ``admission.admit``. Setting the callback token is the guard
     against a redelivered message: only the first ``submit`` finds it unset.
     """
-    token, token_hash = jobs.new_callback_token()
+    token, token_hash = callbacks.new_token()
     with unit_of_work(svc) as s:
         job = jobs.claim_for_submit(s, job_id, token_hash)
     if job is None:
         return
     bound = log.bind(job_id=str(job_id))
     try:
-        accepted = _run(svc, job, callback_url(svc.settings.public_url, job_id, token))
+        callback = callbacks.url(
+            svc.settings.public_url, job_id, token, extra_query=tracing.callback_query()
+        )
+        accepted = _run(svc, job, callback)
     except _NotSent:
         return  # the job ended (a deadline, a cancel) before its Run left; nothing to undo
     except _InputFetchFailed as exc:
@@ -427,7 +432,7 @@ def _adopt(svc: Services, job: Job, taskid: str, *, source: str) -> None:
     except WiroError as exc:
         log.warning("adopt_detail_failed", job_id=str(job.id), error=exc.message)
         return
-    if not _callback_is_ours(task.callbackurl, job):
+    if not callbacks.is_ours(task.callbackurl, job.id, job.callback_token_hash):
         log.warning("adopt_refused", job_id=str(job.id), taskid=taskid)
         return
     with unit_of_work(svc) as s:
@@ -444,15 +449,6 @@ def _adopt(svc: Services, job: Job, taskid: str, *, source: str) -> None:
             next_poll_at=_first_poll(svc),
         )
     apply_task(svc, job.id, task, source=source)
-
-
-def _callback_is_ours(url: str | None, job: Job) -> bool:
-    if not url or job.callback_token_hash is None:
-        return False
-    parts = urlsplit(url)
-    token = (parse_qs(parts.query).get("token") or [""])[0]
-    expected_path = CALLBACK_PATH.format(job_id=job.id)
-    return parts.path.endswith(expected_path) and jobs.token_matches(token, job.callback_token_hash)
 
 
 def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str) -> None:

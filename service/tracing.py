@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
     from service.settings import Settings
 
-CALLBACKS_PREFIX = "/v1/wiro/callbacks/"
 # Requests that would only add noise (probes every few seconds, scrapes).
 EXCLUDED_URLS = "/healthz,/readyz,/metrics"
 
@@ -65,8 +64,9 @@ def configure(settings: Settings, process: str) -> TracerProvider | None:
     return provider
 
 
-def instrument_app(app: FastAPI, provider: TracerProvider) -> None:
-    """Server spans for the gateway's requests; a callback continues its job's trace."""
+def instrument_app(app: FastAPI, provider: TracerProvider, *, callbacks_prefix: str) -> None:
+    """Server spans for the gateway's requests; a callback (a path under
+    ``callbacks_prefix``) continues its job's trace."""
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
     FastAPIInstrumentor.instrument_app(
@@ -77,7 +77,9 @@ def instrument_app(app: FastAPI, provider: TracerProvider) -> None:
         exclude_spans=["receive", "send"],  # one span per request, not one per body chunk
     )
     inner = app.build_middleware_stack  # FastAPIInstrumentor's stack, outermost
-    app.build_middleware_stack = lambda: _TraceparentFromQuery(inner())  # type: ignore[method-assign]
+    app.build_middleware_stack = lambda: _TraceparentFromQuery(  # type: ignore[method-assign]
+        inner(), callbacks_prefix
+    )
 
 
 def callback_query() -> str:
@@ -136,15 +138,16 @@ class _TraceparentFromQuery:
     """Pure ASGI: a Wiro callback's ``traceparent`` query parameter (which we put in the
     callbackUrl) becomes the request's header, so its server span joins the job's trace."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, prefix: str) -> None:
         self.app = app
+        self.prefix = prefix
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         query = scope.get("query_string") or b""
         if (
             scope["type"] == "http"
             and b"traceparent=" in query
-            and scope["path"].startswith(CALLBACKS_PREFIX)
+            and scope["path"].startswith(self.prefix)
             and not any(name == b"traceparent" for name, _ in scope["headers"])
         ):
             value = parse_qs(query.decode("latin-1")).get("traceparent", [""])[0]

@@ -12,7 +12,7 @@ from types import FrameType
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from service import __version__, tracing
+from service import __version__, callbacks, tracing
 from service.api import errors, openapi
 from service.api.context import RequestContext
 from service.api.limits import BodyLimit
@@ -134,5 +134,5 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     )
     app.add_middleware(RequestContext)  # outermost: every line of the request has its id
     if provider is not None:
-        tracing.instrument_app(app, provider)
+        tracing.instrument_app(app, provider, callbacks_prefix=callbacks.PREFIX)
     return app
