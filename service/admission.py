@@ -65,15 +65,20 @@ IN_FLIGHT = frozenset({S.submitting, S.running})
 # queue is read that far along its index (owners found by a loose index scan): a pass
 # costs the same with 100 or 100,000 jobs queued. A key at its own max_in_flight has no
 # candidates; one with room for fewer than :free takes that many.
-_CANDIDATES = text(
-    """
+# The owners with queued jobs, by a loose index scan (one index probe per owner, not a scan
+# of the queue): the first CTE of both queries below.
+_WITH_QUEUED_OWNERS = """
     WITH RECURSIVE owners AS (
         (SELECT owner FROM jobs WHERE status = 'queued' ORDER BY owner LIMIT 1)
         UNION ALL
         SELECT (SELECT j.owner FROM jobs j
                 WHERE j.status = 'queued' AND j.owner > o.owner ORDER BY j.owner LIMIT 1)
         FROM owners o WHERE o.owner IS NOT NULL
-    ),
+    )"""
+
+_CANDIDATES = text(
+    _WITH_QUEUED_OWNERS  # noqa: S608 - constant fragments only, no input
+    + """,
     key_room AS (
         SELECT k.id, k.max_in_flight - count(j.id) AS room
         FROM api_keys k
@@ -351,8 +356,9 @@ class QueueEstimate:
 # found by a loose index scan and each one's count stops at the turn, so the cost grows with
 # the number of owners and the job's rank, never with the whole queue.
 _POSITION = text(
-    """
-    WITH RECURSIVE me AS (
+    _WITH_QUEUED_OWNERS  # noqa: S608 - constant fragments only, no input
+    + """,
+    me AS (
         -- Two counts, so that each is a range of the index that ends at the job.
         SELECT (SELECT count(*) FROM jobs
                 WHERE status = 'queued' AND owner = :owner AND priority > :priority)
@@ -364,13 +370,6 @@ _POSITION = text(
         SELECT (SELECT ahead FROM me) + 1 + (
             SELECT count(*) FROM jobs
             WHERE status IN ('submitting', 'running') AND owner = :owner) AS t
-    ),
-    owners AS (
-        (SELECT owner FROM jobs WHERE status = 'queued' ORDER BY owner LIMIT 1)
-        UNION ALL
-        SELECT (SELECT j.owner FROM jobs j
-                WHERE j.status = 'queued' AND j.owner > o.owner ORDER BY j.owner LIMIT 1)
-        FROM owners o WHERE o.owner IS NOT NULL
     ),
     others AS (
         SELECT o.owner, greatest(0, (SELECT t FROM turn) - (

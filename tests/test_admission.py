@@ -40,8 +40,8 @@ def submit(api: httpx.Client, **data: str) -> str:
 
 
 def submit_url(api: httpx.Client) -> str:
-    """A job by image URL (the simulator never fetches it; nothing leaves the machine)."""
-    r = api.post("/v1/jobs", json={"prompt": "p", "image_urls": ["http://127.0.0.2/in.png"]})
+    """A job by image URL (never fetched; port 9 on loopback, allow-listed in tests)."""
+    r = api.post("/v1/jobs", json={"prompt": "p", "image_urls": ["http://127.0.0.1:9/in.png"]})
     assert r.status_code == 202, r.text
     return str(r.json()["id"])
 

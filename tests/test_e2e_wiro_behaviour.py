@@ -247,7 +247,7 @@ def test_cancel_after_cancels_a_queued_job_without_sending_it(
 def test_a_bad_cancel_after_is_refused_and_nothing_is_stored(api: httpx.Client, value: str) -> None:
     r = api.post(
         "/v1/jobs",
-        json={"image_urls": ["http://127.0.0.2/a.png"], "prompt": "x"},
+        json={"image_urls": ["http://127.0.0.1:9/a.png"], "prompt": "x"},
         headers={"Cancel-After": value},
     )
     assert r.status_code == 422

@@ -281,3 +281,24 @@ def run_raw(sim: httpx.Client) -> httpx.Response:
         headers=signed(),
         files={"prompt": (None, "x"), "inputImage": (None, "http://x/a.png")},
     )
+
+
+# Statuses Wiro's docs name for its realtime models only (no DreamOmni2 task emits them);
+# the client knows them so that they never read as unknown.
+REALTIME_ONLY = {"task_stream_ready", "task_stream_end", "task_cost"}
+
+
+def test_the_simulator_and_the_client_agree_on_wiros_statuses() -> None:
+    # Read side by side here: the simulator must not import the service.
+    from service import wiro as client
+    from wirosim import tasks as simulator
+
+    assert client.LIFECYCLE[:-1] == simulator.RUNNING_STATUSES
+    assert client.LIFECYCLE[-1] == simulator.SUCCESS_STATUS
+    assert simulator.TERMINAL_STATUSES == client.TERMINAL_STATUSES
+    assert set(simulator.INTERIM_STATUSES) == client.INTERIM_STATUSES - REALTIME_ONLY
+    emitted = {*simulator.RUNNING_STATUSES, *simulator.INTERIM_STATUSES}
+    assert emitted | simulator.TERMINAL_STATUSES == client.KNOWN_STATUSES - REALTIME_ONLY
+    # Where Wiro refuses to stop a task, as each side reads the docs.
+    assert simulator.CANCELABLE == client.QUEUED_STATUSES
+    assert simulator.NOT_YET_KILLABLE == client.QUEUED_STATUSES | client.PREPROCESSING_STATUSES
