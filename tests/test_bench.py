@@ -31,10 +31,11 @@ ROW_KEYS = {
 pytestmark = pytest.mark.e2e
 
 
-def test_quick_bench_runs_every_benchmark_and_writes_its_json(tmp_path: Path) -> None:
+def run_quick(module: str, tmp_path: Path) -> Path:
+    """Run ``python -m <module> --quick``; the folder its JSON went to."""
     results = tmp_path / "results"  # not bench/results: that holds the full run's figures
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick"],
+        [sys.executable, "-m", module, "--quick"],
         cwd=ROOT,
         env={**os.environ, "BENCH_RESULTS": str(results)},
         capture_output=True,
@@ -43,6 +44,11 @@ def test_quick_bench_runs_every_benchmark_and_writes_its_json(tmp_path: Path) ->
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return results
+
+
+def test_quick_bench_runs_every_benchmark_and_writes_its_json(tmp_path: Path) -> None:
+    results = run_quick("bench", tmp_path)
     for name, keys in EXPECTED.items():
         data = json.loads((results / f"{name}.json").read_text())
         assert "error" not in data, data.get("error")
@@ -56,17 +62,7 @@ def test_quick_bench_runs_every_benchmark_and_writes_its_json(tmp_path: Path) ->
 
 
 def test_quick_admission_bench_runs_and_reports_its_four_parts(tmp_path: Path) -> None:
-    results = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.admission", "--quick"],
-        cwd=ROOT,
-        env={**os.environ, "BENCH_RESULTS": str(results)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = run_quick("bench.admission", tmp_path)
     data = json.loads((results / "admission.json").read_text())
     parts = {row["part"]: row for row in data["rows"]}
     assert set(parts) == {"peak", "burst", "refused", "passes"}
