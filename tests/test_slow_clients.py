@@ -6,10 +6,11 @@ without its body, a client that leaves mid-body.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import AsyncExitStack
 
 import httpx
 import pytest
@@ -104,41 +105,48 @@ def test_streams_and_holds_past_a_keys_cap_are_429_and_other_keys_are_not_held_b
     stack: Stack, api: httpx.Client, keys: dict[str, IssuedKey]
 ) -> None:
     cap = int(stack.env["MAX_WAITERS_PER_KEY"])
-    r = api.post("/v1/jobs", files=upload_files(sample(1)), data={"prompt": "x"})
-    job_id = r.json()["id"]
     sim = httpx.Client(base_url=stack.env["WIRO_BASE_URL"].removesuffix("/v1"))
     sim.put("/_sim/config", json={"task_duration_s": 60}).raise_for_status()
+    job_id = api.post("/v1/jobs", files=upload_files(sample(1)), data={"prompt": "x"}).json()["id"]
     base = stack.env["PUBLIC_URL"]
-    with ExitStack() as streams:
-        client = streams.enter_context(
-            httpx.Client(base_url=base, headers={"Authorization": f"Bearer {keys['app-a'].key}"})
-        )
-        for _ in range(cap):
-            stream = streams.enter_context(client.stream("GET", f"/v1/jobs/{job_id}/events"))
-            assert stream.status_code == 200
-        over = client.get(f"/v1/jobs/{job_id}/events")
-        assert over.status_code == 429, over.text
-        assert over.headers["content-type"] == "application/problem+json"
-        assert over.json()["code"] == "too_many_waiters"
-        assert int(over.headers["retry-after"]) > 0
-        held = client.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=5"})
-        assert held.status_code == 429
-        # A submit's Prefer: wait is not refused (its job exists): it answers at once.
-        started = time.monotonic()
-        submitted = client.post(
-            "/v1/jobs",
-            files=upload_files(sample(1)),
-            data={"prompt": "x"},
-            headers={"Prefer": "wait=30"},
-        )
-        assert submitted.status_code == 202
-        assert "preference-applied" not in submitted.headers
-        assert time.monotonic() - started < 20
-        # Another key's streams are its own.
-        other = httpx.Client(
-            base_url=base, headers={"Authorization": f"Bearer {keys['app-b'].key}"}
-        )
-        with other, other.stream("GET", f"/v1/jobs/{job_id}/events") as theirs:
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=cap + 10, max_keepalive_connections=cap + 10)
+        key = {"Authorization": f"Bearer {keys['app-a'].key}"}
+        async with (
+            httpx.AsyncClient(base_url=base, headers=key, limits=limits, timeout=30) as client,
+            AsyncExitStack() as streams,
+        ):
+            opened = await asyncio.gather(
+                *(
+                    streams.enter_async_context(client.stream("GET", f"/v1/jobs/{job_id}/events"))
+                    for _ in range(cap)
+                )
+            )
+            assert {s.status_code for s in opened} == {200}
+            over = await client.get(f"/v1/jobs/{job_id}/events")
+            assert over.status_code == 429, over.text
+            assert over.headers["content-type"] == "application/problem+json"
+            assert over.json()["code"] == "too_many_waiters"
+            assert int(over.headers["retry-after"]) > 0
+            held = await client.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=5"})
+            assert held.status_code == 429
+            # A submit's Prefer: wait is not refused (its job exists): it answers at once.
+            started = time.monotonic()
+            submitted = await client.post(
+                "/v1/jobs",
+                files=upload_files(sample(1)),
+                data={"prompt": "x"},
+                headers={"Prefer": "wait=30"},
+            )
+            assert submitted.status_code == 202
+            assert "preference-applied" not in submitted.headers
+            assert time.monotonic() - started < 20
+            # Another key's holds are its own.
+            other = {"Authorization": f"Bearer {keys['app-b'].key}"}
+            theirs = await client.get(f"/v1/jobs/{job_id}", headers={**other, "Prefer": "wait=1"})
             assert theirs.status_code == 404  # not their job: the cap did not answer
-    # Streams closed: the key may open them again.
+
+    asyncio.run(main())
+    # Streams closed: the key may hold again.
     assert api.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=1"}).status_code == 200
