@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import IO, Any
 
 import structlog
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -55,6 +55,7 @@ class Upload:
 
     filename: str
     file: IO[bytes]
+    size: int | None = None  # when the server knows it already
 
 
 @dataclass
@@ -211,7 +212,7 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
             return earlier
     if sub.webhook_url:
         check_webhook_url(svc, sub.webhook_url)
-    check_image_urls(svc, [i for i in sub.images if isinstance(i, str)])
+    check_images(svc, sub.images)
     job_id = uuid.uuid4()
     limit = svc.settings.max_image_bytes
     inputs: list[jobs.NewInput] = []
@@ -228,10 +229,7 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
             try:
                 stored = svc.storage.put_stream(key, image.file, content_type=ctype, limit=limit)
             except TooLarge as exc:
-                too_large = InputError(
-                    "image_too_large", f"larger than {_mib(limit)}", field="images"
-                )
-                raise too_large.at(n, image.filename) from exc
+                raise _too_large(n, image.filename, limit) from exc
             inputs.append(
                 jobs.NewInput(
                     kind="file",
@@ -262,15 +260,18 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
         if caller.idempotency_key:
             # The key's row in the job's own transaction: of two racing requests exactly
             # one commits a job.
+            # The first answer is kept with it, so that a replay gives back the same body.
             with unit_of_work(svc) as s:
                 job, _ = jobs.create(s, **fields)
-                if not _claim_key(s, caller, request_hash, job_id):
+                view = _render(svc, job)
+                first = view.model_dump(mode="json")
+                if not _claim_key(s, caller, request_hash, job_id, first):
                     raise _LostRace
         else:
             # One statement: its own transaction, one round trip (service/jobs.py: create).
             with svc.autocommit_sessions() as s:
                 job, _ = jobs.create(s, **fields)
-        view = _render(svc, job)
+            view = _render(svc, job)
     except BaseException as exc:
         if any(i.kind == "file" for i in inputs):
             try:
@@ -322,6 +323,27 @@ def check_webhook_url(svc: Services, url: str) -> None:
         log.info("webhook_url_unresolved", error=str(exc))
 
 
+def _too_large(position: int, filename: str, limit: int) -> InputError:
+    too_large = InputError(
+        "image_too_large", f"larger than {_mib(limit)}", field="images", position=position
+    )
+    too_large.message = f"images[{position}] ({filename}) is larger than {_mib(limit)}"
+    return too_large
+
+
+def check_images(svc: Services, images: Sequence[Upload | str]) -> None:
+    """How many images, each upload's size when known, and where each URL points."""
+    cfg = svc.settings
+    if not images:
+        raise InputError("no_images", "give at least one image (images or image_urls)")
+    if len(images) > cfg.max_images:
+        raise InputError("too_many_images", f"at most {cfg.max_images} images per job")
+    for n, image in enumerate(images):
+        if isinstance(image, Upload) and (image.size or 0) > cfg.max_image_bytes:
+            raise _too_large(n, image.filename, cfg.max_image_bytes)
+    check_image_urls(svc, [i for i in images if isinstance(i, str)])
+
+
 def check_image_urls(svc: Services, urls: list[str]) -> None:
     """Refuse image URLs into loopback/private/link-local/metadata ranges.
 
@@ -346,8 +368,11 @@ def check_image_urls(svc: Services, urls: list[str]) -> None:
             log.info("image_url_unresolved", position=n, error=str(exc))
 
 
-def _claim_key(s: Session, caller: Caller, request_hash: str, job_id: uuid.UUID) -> bool:
-    """Insert the key's row; False if a live one exists (it waits for a racing insert)."""
+def _claim_key(
+    s: Session, caller: Caller, request_hash: str, job_id: uuid.UUID, response: dict[str, Any]
+) -> bool:
+    """Insert the key's row with the first answer; False if a live one exists (it waits for
+    a racing insert)."""
     s.execute(
         delete(IdempotencyKey).where(
             IdempotencyKey.owner == caller.owner,
@@ -358,31 +383,16 @@ def _claim_key(s: Session, caller: Caller, request_hash: str, job_id: uuid.UUID)
     inserted = s.execute(
         pg_insert(IdempotencyKey)
         .values(
-            owner=caller.owner, key=caller.idempotency_key, request_hash=request_hash, job_id=job_id
+            owner=caller.owner,
+            key=caller.idempotency_key,
+            request_hash=request_hash,
+            job_id=job_id,
+            response=response,
         )
         .on_conflict_do_nothing()
         .returning(IdempotencyKey.job_id)
     ).scalar_one_or_none()
     return inserted is not None
-
-
-def remember_response(
-    svc: Services, caller: Caller, job_id: uuid.UUID, body: dict[str, Any]
-) -> None:
-    """Keep the first answer, so a replay gives back the same body."""
-    if not caller.idempotency_key:
-        return
-    with transaction(svc.sessions) as s:
-        s.execute(
-            update(IdempotencyKey)
-            .where(
-                IdempotencyKey.owner == caller.owner,
-                IdempotencyKey.key == caller.idempotency_key,
-                IdempotencyKey.job_id == job_id,
-                IdempotencyKey.response.is_(None),
-            )
-            .values(response=body)
-        )
 
 
 def forget_expired_keys(s: Session) -> int:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from service.intake import InputError
 from service.live import TooManyWaiters
 
 PROBLEM_TYPE = "https://dreamgate.dev/problems/"
@@ -264,3 +265,19 @@ def too_many_waiters(exc: TooManyWaiters, what: str) -> ProblemError:
         f"{whose} limit of {exc.limit} open SSE streams and {what} is reached",
         headers={"Retry-After": "5"},
     )
+
+
+# How the domain's refusals (service/intake.py: InputError) become HTTP: 422 unless listed.
+INPUT_STATUS = {"image_too_large": 413}
+# Where a refused field is, when not in the body.
+INPUT_LOCATION = {"Cancel-After": "header"}
+
+
+def input_problem(exc: InputError) -> ProblemError:
+    """The problem+json answer to a refused input, its field named in ``errors``."""
+    field = exc.field or "images"
+    loc: list[str | int] = [INPUT_LOCATION.get(field, "body"), field]
+    if exc.position is not None:
+        loc.append(exc.position)
+    status = INPUT_STATUS.get(exc.code, 422)
+    return field_problem(status, exc.code, loc, exc.reason, detail=exc.message)

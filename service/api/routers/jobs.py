@@ -19,7 +19,13 @@ from starlette.requests import ClientDisconnect
 
 from service import admission, intake, jobs, live, pipeline, usage
 from service.api.deps import PrincipalDep, ServicesDep
-from service.api.errors import ProblemError, field_problem, mib, responses, too_many_waiters
+from service.api.errors import (
+    ProblemError,
+    field_problem,
+    input_problem,
+    responses,
+    too_many_waiters,
+)
 from service.api.schemas import (
     SEED_PROMPT,
     WEBHOOK_EVENTS,
@@ -230,16 +236,9 @@ async def _parse_multipart(request: Request, svc: Services) -> intake.Submission
                     ["body", "images", len(images)],
                     "must be a file (send URLs as image_urls)",
                 )
-            if value.size is not None and value.size > svc.settings.max_image_bytes:
-                n, limit = len(images), mib(svc.settings.max_image_bytes)
-                raise field_problem(
-                    413,
-                    "image_too_large",
-                    ["body", "images", n],
-                    f"larger than {limit}",
-                    detail=f"images[{n}] ({value.filename or 'image'}) is larger than {limit}",
-                )
-            images.append(intake.Upload(filename=value.filename or "image", file=value.file))
+            images.append(
+                intake.Upload(filename=value.filename or "image", file=value.file, size=value.size)
+            )
         elif name == "image_urls":
             images.append(str(value))
         elif name == "webhook_events" and isinstance(value, str):
@@ -376,7 +375,7 @@ async def create_job(
     try:
         deadline = intake.parse_cancel_after(cancel_after) if cancel_after is not None else None
     except intake.InputError as exc:
-        raise ProblemError(422, exc.code, exc.message) from exc
+        raise input_problem(exc) from exc
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         sub = await _parse_multipart(request, svc)
@@ -390,22 +389,12 @@ async def create_job(
             415, "unsupported_media_type", "send multipart/form-data or application/json"
         )
     sub.cancel_after = deadline
-    if not sub.images:
-        raise ProblemError(422, "no_images", "give at least one image (images or image_urls)")
-    if len(sub.images) > svc.settings.max_images:
-        raise ProblemError(
-            422, "too_many_images", f"at most {svc.settings.max_images} images per job"
-        )
     caller = intake.Caller(owner=who.owner, api_key_id=who.key_id, idempotency_key=idempotency_key)
     spend = await _within_budget(svc, who)
     try:
         accepted = await run_in_threadpool(intake.accept, svc, sub, caller)
     except intake.InputError as exc:
-        code = 413 if exc.code == "image_too_large" else 422
-        loc: list[str | int] = ["body", exc.field or "images"]
-        if exc.position is not None:
-            loc.append(exc.position)
-        raise field_problem(code, exc.code, loc, exc.reason, detail=exc.message) from exc
+        raise input_problem(exc) from exc
     except intake.IdempotencyMismatch as exc:
         raise ProblemError(
             422,
@@ -429,10 +418,6 @@ async def create_job(
     job = accepted.job
     if job is None:
         job = await run_in_threadpool(_load, svc, accepted.job_id, who)
-    if caller.idempotency_key:
-        await run_in_threadpool(
-            intake.remember_response, svc, caller, accepted.job_id, job.model_dump(mode="json")
-        )
     if wait is not None and not job.status.terminal:
         return await _load_waiting(request, svc, accepted.job_id, who, wait, response=response)
     # Serialised once, here: returned as a model, FastAPI would validate it again against
