@@ -746,3 +746,70 @@ def test_from_env() -> None:
     assert config.api_key == "k" and config.api_secret == "" and config.task_duration_s == 0
     assert config.max_concurrency == 3 and config.run_errors[0].http_status == 429
     assert SimConfig.from_env({}).model == "xiabs/dreamomni2"
+
+
+# ---------------------------------------------------------------- the websocket
+
+
+def socket_frames(sim: Sim, token: str, *, limit: int = 500) -> tuple[list[dict[str, Any]], int]:
+    """Register for a task on the socket and read until the server closes; (frames, code)."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    frames: list[dict[str, Any]] = []
+    with connect(sim.base_url.replace("http://", "ws://") + "/v1", open_timeout=5) as ws:
+        ws.send(json.dumps({"type": "task_info", "tasktoken": token}))
+        try:
+            while len(frames) < limit:
+                frames.append(json.loads(ws.recv(timeout=10)))
+        except ConnectionClosed:
+            pass
+        return frames, ws.close_code or 0
+
+
+def running_task(sim: Sim) -> dict[str, Any]:
+    sim.put_config(task_duration_s=1.0)
+    taskid = run_ok(sim, steps="10")
+    return wait_for(sim, taskid, {"task_queue", "task_accept", "task_preprocess_start"})
+
+
+def test_the_socket_sends_a_tasks_statuses_and_progress_then_closes(sim: Sim) -> None:
+    task = running_task(sim)
+    frames, code = socket_frames(sim, task["socketaccesstoken"])
+
+    assert code == 1000
+    assert all(set(f) == {"type", "id", "tasktoken", "message", "result"} for f in frames)
+    assert {f["tasktoken"] for f in frames} == {task["socketaccesstoken"]}
+    kinds = [f["type"] for f in frames]
+    assert kinds[-1] == "task_postprocess_end"
+    assert "task_start" in kinds and kinds.index("task_start") < kinds.index("task_output")
+    # The status change to task_output carries no message; the progress frames do.
+    progress = [f["message"] for f in frames if f["type"] == "task_output" and f["message"]]
+    assert progress and all(p["type"] == "progressGenerate" for p in progress)
+    assert progress[-1]["stepCurrent"] == progress[-1]["stepTotal"]
+
+
+def test_the_socket_can_refuse_drop_or_write_progress_as_text(sim: Sim) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    task = running_task(sim)
+    sim.put_config(socket_refuse=True)
+    with pytest.raises(InvalidStatus) as refused:
+        socket_frames(sim, task["socketaccesstoken"])
+    assert refused.value.response.status_code == 403
+    assert sim.stats()["sockets_refused"] == 1
+
+    sim.put_config(socket_refuse=False, socket_drop_after=2)
+    frames, code = socket_frames(sim, task["socketaccesstoken"])
+    assert len(frames) == 2 and code == 1011
+
+    sim.put_config(socket_drop_after=None, socket_progress_text=True)
+    task = running_task(sim)
+    frames, _ = socket_frames(sim, task["socketaccesstoken"])
+    text = [f["message"] for f in frames if f["type"] == "task_output" and f["message"]]
+    assert text and all(isinstance(m, str) and m.startswith("Step ") for m in text)
+
+
+def test_the_socket_answers_an_unknown_token_with_an_error_frame(sim: Sim) -> None:
+    frames, _ = socket_frames(sim, "no-such-token")
+    assert frames == [{"type": "error", "message": "task not found", "result": False}]
