@@ -4,6 +4,7 @@ socket): on the job, in its SSE stream, by webhook; and never deciding an outcom
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from sqlalchemy import Engine, text
 from service.auth import IssuedKey
 from service.stack import Stack
 from tests.conftest import sample, upload_files, wait_for, wait_status
+from tests.test_dashboard import Dom
+from tests.test_docs_ui import chromium
 from tests.test_webhooks import Receiver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean")]
@@ -197,7 +200,11 @@ def test_dreamgate_edit_shows_the_progress(
 
 
 def test_ops_stats_list_running_jobs_with_their_progress(
-    api: httpx.Client, admin_api: httpx.Client, sim: httpx.Client
+    api: httpx.Client,
+    admin_api: httpx.Client,
+    sim: httpx.Client,
+    stack: Stack,
+    keys: dict[str, IssuedKey],
 ) -> None:
     slow_tasks(sim, 8.0)
     job_id = submit(api)
@@ -210,5 +217,13 @@ def test_ops_stats_list_running_jobs_with_their_progress(
 
     shown = wait_for(listed, what="the job on /ops with progress")
     assert shown["progress"]["steps"] == 25
-    assert "running-count" in admin_api.get("/ops").text
+
+    # And the page shows it, as an operator's browser renders it.
+    dumped = chromium("--dump-dom", f"http://127.0.0.1:{stack.ports.api}/ops#key={keys['ops'].key}")
+    assert dumped.returncode == 0, dumped.stderr[-2000:]
+    dom = Dom()
+    dom.feed(dumped.stdout)
+    assert dom.body_state == "ready", dom.text.get("error")
+    [row] = [r for r in dom.rows["running"] if r[0] == job_id]
+    assert re.fullmatch(r"\d+ % \(\d+/25\)", row[3]), row
     wait_status(api, job_id, timeout=60)
