@@ -17,14 +17,26 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, String, cast, func, insert, literal, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from service import metrics, tracing, uow
-from service.models import ACTIVE, TERMINAL, Job, JobEvent, JobInput, JobStatus
+from service.models import ACTIVE, TERMINAL, Job, JobEvent, JobInput, JobOutput, JobStatus
 
 S = JobStatus
 
@@ -325,6 +337,42 @@ def get(
     if names:
         query = query.options(*(selectinload(getattr(Job, n)) for n in names))
     return session.execute(query).scalar_one_or_none()
+
+
+def status_of(session: Session, job_id: uuid.UUID) -> JobStatus | None:
+    """The job's status alone (None: no such job)."""
+    value = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
+    return None if value is None else JobStatus(value)
+
+
+def owner_of(session: Session, job_id: uuid.UUID) -> str | None:
+    """The job's owner alone (None: no such job)."""
+    owner: str | None = session.execute(
+        select(Job.owner).where(Job.id == job_id)
+    ).scalar_one_or_none()
+    return owner
+
+
+def output_key_of(session: Session, job_id: uuid.UUID, position: int) -> str | None:
+    """Where output ``position`` of the job is stored (None: no such output)."""
+    key: str | None = session.execute(
+        select(JobOutput.s3_key).where(JobOutput.job_id == job_id, JobOutput.position == position)
+    ).scalar_one_or_none()
+    return key
+
+
+def add_output(session: Session, job_id: uuid.UUID, position: int, **values: Any) -> None:
+    """Record a copied output; a second copy of the same position changes nothing."""
+    session.execute(
+        pg_insert(JobOutput)
+        .values(job_id=job_id, position=position, **values)
+        .on_conflict_do_nothing()
+    )
+
+
+def forget_outputs(session: Session, job_id: uuid.UUID) -> None:
+    """Drop the outputs of an earlier attempt (a retried job's belonged to the old task)."""
+    session.execute(delete(JobOutput).where(JobOutput.job_id == job_id))
 
 
 def claim_for_submit(session: Session, job_id: uuid.UUID, token_hash: str) -> Job | None:

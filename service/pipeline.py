@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
-from sqlalchemy import case, delete, func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from service import (
@@ -38,7 +38,7 @@ from service import (
 )
 from service.container import Services
 from service.fetch import FetchError, FetchRefused
-from service.models import TERMINAL, Job, JobEvent, JobOutput, WiroStatusSeen
+from service.models import TERMINAL, Job, JobEvent, WiroStatusSeen
 from service.models import JobStatus as S
 from service.storage import StoredObject
 from service.uow import later, unit_of_work
@@ -393,7 +393,7 @@ def retry(svc: Services, job_id: uuid.UUID) -> int:
         if moved is None:  # someone retried it first
             raise NotRetryable(S.queued)
         # Outputs copied before the failure belonged to the old task.
-        s.execute(delete(JobOutput).where(JobOutput.job_id == job_id))
+        jobs.forget_outputs(s, job_id)
     return attempt
 
 
@@ -573,20 +573,17 @@ def finalize(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
         finally:
             spool.close()
         with unit_of_work(svc) as s:
-            s.execute(
-                pg_insert(JobOutput)
-                .values(
-                    job_id=job_id,
-                    position=n,
-                    s3_key=key,
-                    filename=str(out.get("name")),
-                    content_type=ctype,
-                    size=stored.size,
-                    sha256=stored.sha256,
-                    source_url=str(out["url"]),
-                    thumb_key=thumb,
-                )
-                .on_conflict_do_nothing()
+            jobs.add_output(
+                s,
+                job_id,
+                n,
+                s3_key=key,
+                filename=str(out.get("name")),
+                content_type=ctype,
+                size=stored.size,
+                sha256=stored.sha256,
+                source_url=str(out["url"]),
+                thumb_key=thumb,
             )
     # WIRO_DELETE_AFTER_COPY: the delete at Wiro is due from the commit that says the
     # outputs are safe in S3, so a worker lost right after still leaves it to the sweep.

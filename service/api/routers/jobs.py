@@ -13,7 +13,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import ValidationError
-from sqlalchemy import select
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
@@ -38,7 +37,7 @@ from service.api.schemas import (
 from service.auth import Principal
 from service.container import Services
 from service.db import transaction
-from service.models import Job, JobOutput, JobStatus
+from service.models import JobStatus
 from service.views import milestones_for
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -106,8 +105,7 @@ def _headers(*names: str) -> dict[str, Any]:
 
 def _status(svc: Services, job_id: uuid.UUID) -> JobStatus | None:
     with transaction(svc.sessions) as s:
-        value = s.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
-    return None if value is None else JobStatus(value)
+        return jobs.status_of(s, job_id)
 
 
 async def _load_waiting(
@@ -526,14 +524,10 @@ def cancel_job(
 
 def _output_url(svc: Services, job_id: uuid.UUID, position: int, who: Principal) -> str:
     with transaction(svc.sessions) as s:
-        owner = s.execute(select(Job.owner).where(Job.id == job_id)).scalar_one_or_none()
+        owner = jobs.owner_of(s, job_id)
         if owner is None or (owner != who.owner and not who.is_admin):
             raise ProblemError(404, "job_not_found", f"no job {job_id}")
-        key = s.execute(
-            select(JobOutput.s3_key).where(
-                JobOutput.job_id == job_id, JobOutput.position == position
-            )
-        ).scalar_one_or_none()
+        key = jobs.output_key_of(s, job_id, position)
     if key is None:
         raise ProblemError(404, "output_not_found", f"job {job_id} has no output {position}")
     return svc.storage.presigned_get(key, ttl_s=svc.settings.presign_ttl_s)
