@@ -46,12 +46,16 @@ class Services:
         self.engine.dispose()
 
 
-def build_services(settings: Settings, *, pool_size: int = 5) -> Services:
-    """Every client the service uses, configured from ``settings``."""
+def build_services(
+    settings: Settings, *, pool_size: int = 5, process: str | None = None
+) -> Services:
+    """Every client the service uses, configured from ``settings``; ``process`` (gateway,
+    worker, …) names its database connections (``dreamgate-<process>``)."""
     engine = make_engine(
         settings.database_url,
         pool_size=pool_size,
         transaction_pooling=settings.database_transaction_pooling,
+        application_name=f"dreamgate-{process}" if process else None,
     )
     secret = settings.wiro_api_secret.get_secret_value() if settings.wiro_api_secret else None
     return Services(

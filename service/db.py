@@ -26,7 +26,12 @@ def normalize_url(url: str) -> str:
 
 
 def make_engine(
-    url: str, *, pool_size: int = 5, max_overflow: int = 10, transaction_pooling: bool = False
+    url: str,
+    *,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    transaction_pooling: bool = False,
+    application_name: str | None = None,
 ) -> Engine:
     """An engine with a small pool that pings idle connections, so a restart costs a retry.
 
@@ -36,12 +41,15 @@ def make_engine(
     cost more than a submit's one statement (15 % of a gateway's busy time at concurrency
     16 when only twice ``pool_size`` were kept; docs/PERFORMANCE.md, round 3).
     """
+    connect_args: dict[str, Any] = {"prepare_threshold": None} if transaction_pooling else {}
+    if application_name:  # pg_stat_activity then says which process holds a connection
+        connect_args["application_name"] = application_name
     engine = create_engine(
         normalize_url(url),
         pool_size=pool_size + max_overflow,
         max_overflow=0,
         pool_recycle=1800,
-        connect_args={"prepare_threshold": None} if transaction_pooling else {},
+        connect_args=connect_args,
     )
     _ping_when_idle(engine)
     return engine

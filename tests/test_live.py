@@ -156,10 +156,14 @@ def test_200_waiters_are_answered_without_a_connection_each(
         wait_status(api, job_id, {"running", "finalizing", "succeeded"})
 
     def connections() -> int:
+        """The gateway's own connections (its pool names them dreamgate-gateway)."""
         with engine.connect() as conn:
             return int(
                 conn.execute(
-                    text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND application_name = 'dreamgate-gateway'"
+                    )
                 ).scalar_one()
             )
 
@@ -196,10 +200,9 @@ def test_200_waiters_are_answered_without_a_connection_each(
         r.json()["status"] for r in responses
     }
     assert elapsed < 35  # woken by the jobs' ends, not by the 40 s wait running out
-    # Waiters hold no connection: the gateway's use is bounded by its pool (5 + 10 overflow)
-    # during the burst of first reads, whatever the number of waiters, and falls back after.
-    assert max(seen) - baseline <= 20, (baseline, seen)
-    assert min(seen[2:]) - baseline <= 10, (baseline, seen)
+    # Waiters hold no connection: the gateway's use is bounded by its pool (5 + 10, kept
+    # open for reuse: service/db.py) whatever the number of waiters: 200 here.
+    assert 0 < max(seen) <= 15, (baseline, seen)
 
 
 def test_listener_reconnects_after_its_connection_is_killed(

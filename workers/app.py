@@ -43,7 +43,7 @@ def services() -> Services:
     """This process's services, built on first use (after any fork, never before)."""
     global _services  # one set of pools per process is the point
     if _services is None:
-        _services = build_services(get_settings())
+        _services = build_services(get_settings(), process="worker")
     return _services
 
 

@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             # `serve --workers N` spawns fresh interpreters: `serve` configured only the
             # parent's logging, and these would log nothing (no access lines, no ids).
             configure_logging(cfg.log_level, secrets=cfg.secret_values())
-        app.state.services = services or build_services(cfg)
+        app.state.services = services or build_services(cfg, process="gateway")
         # One LISTEN connection per process wakes every Prefer: wait and SSE waiter.
         # (Directly to PostgreSQL when DATABASE_URL is a transaction pooler.)
         settings = app.state.services.settings

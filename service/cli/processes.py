@@ -122,7 +122,7 @@ def progress() -> None:
 
     settings = get_settings()
     configure_logging(settings.log_level, secrets=settings.secret_values())
-    svc = build_services(settings, pool_size=2)
+    svc = build_services(settings, pool_size=2, process="progress")
     try:
         run(svc)
     finally:
