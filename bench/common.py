@@ -38,6 +38,13 @@ BENCH_SETTINGS = {
     "S3_BUCKET": "dreamgate-bench",
     # The benchmarks measure the pipeline's own costs, not admission's waiting.
     "WIRO_MAX_IN_FLIGHT": "100000",
+    # Benchmark 5 holds 1,000 waits and streams with one key: it measures what waiting
+    # costs, not the per-key cap (tests/test_slow_clients.py tests that).
+    "MAX_WAITERS_PER_KEY": "5000",
+    "MAX_WAITERS": "5000",
+    # Image URLs of the benchmarks name hosts that do not resolve here (let through) or
+    # the machine's own loopback.
+    "IMAGE_URL_ALLOW_HOSTS": "127.0.0.1",
 }
 
 
