@@ -16,7 +16,7 @@ from typing import Any
 from bench.common import bench_stack, machine, write_result
 
 # In this order: growth truncates the jobs table, waiting leaves 10,000 jobs in flight.
-ORDER = ["submit", "pipeline", "callback", "output_copy", "growth", "waiting"]
+ORDER = ["submit", "pipeline", "callback", "output_copy", "fanout", "growth", "waiting"]
 
 
 def main(argv: list[str] | None = None) -> int:

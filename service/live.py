@@ -20,12 +20,15 @@ import asyncio
 import contextlib
 import uuid
 import weakref
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
 from sqlalchemy.engine import make_url
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 CHANNEL = "job_events"
 # How often a waiter re-reads on its own while the listener is disconnected.
@@ -81,6 +84,29 @@ class Subscription:
         self.close()
 
 
+class SharedReads:
+    """Identical reads made at the same moment share one: the first caller's runs, the rest
+    await its result. When one event wakes a thousand streams of a job, the timeline after
+    the same cursor is read once, not a thousand times through the thread pool."""
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, asyncio.Future[Any]] = {}
+        self.shared = 0  # reads saved, for the benchmark
+
+    async def get(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+        """``read()``'s result, or that of the same read already under way."""
+        running = self._running.get(key)
+        if running is None:
+            running = asyncio.ensure_future(read())
+            self._running[key] = running
+            running.add_done_callback(lambda _: self._running.pop(key, None))
+        else:
+            self.shared += 1
+        # Shielded: one stream leaving must not cancel the read the others wait for.
+        result: T = await asyncio.shield(running)
+        return result
+
+
 class TooManyWaiters(Exception):
     """Subscribing would pass a cap: the holder's (``per_key``) or the process's."""
 
@@ -109,6 +135,7 @@ class JobEvents:
     ) -> None:
         self._dsn = dsn
         self._max_waiters = max_waiters
+        self.reads = SharedReads()
         self._max_per_holder = max_waiters_per_holder
         self._holders: dict[str, weakref.WeakSet[Subscription]] = {}
         self._health_check_s = health_check_s

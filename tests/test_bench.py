@@ -20,6 +20,7 @@ EXPECTED = {
     "output_copy": {"rows", "goal", "peak_rss_growth_mib", "throughput_ratio", "status"},
     "growth": {"rows", "goal", "sweep_explain", "sweep_ms_at_running"},
     "waiting": {"rows", "goal", "clients", "goal_slots_met", "goal_clients_met"},
+    "fanout": {"rows", "goal", "streams", "reached", "fanout_p50_ms", "fanout_max_ms"},
 }
 ROW_KEYS = {
     "submit": {"body", "conc", "floor_rps", "svc_rps", "svc_p50_ms", "svc_p99_ms", "rps_ratio"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -93,7 +94,7 @@ def _cursor(last_event_id: str | None, after: int | None) -> int:
 
 
 async def _follow(
-    svc: Services, job_id: uuid.UUID, sub: Subscription, first: Replay
+    svc: Services, hub: JobEvents, job_id: uuid.UUID, sub: Subscription, first: Replay
 ) -> AsyncIterator[ServerSentEvent]:
     with sub:
         replay = first
@@ -106,7 +107,11 @@ async def _follow(
                 return
             while not await sub.wait(IDLE_WAIT_S):
                 pass
-            replay = await run_in_threadpool(_read, svc, job_id, None, replay.last_id)
+            after = replay.last_id
+            replay = await hub.reads.get(
+                (job_id, after),
+                functools.partial(run_in_threadpool, _read, svc, job_id, None, after),
+            )
 
 
 @router.get(
@@ -162,7 +167,7 @@ async def job_events(
         sub.close()
         raise
     return EventSourceResponse(
-        _follow(svc, job_id, sub, first),
+        _follow(svc, hub, job_id, sub, first),
         ping=svc.settings.sse_keepalive_s,
         # On shutdown sse-starlette would cancel the stream mid-body; the hub's drain ends
         # it cleanly instead (after one last read), well within this.
