@@ -78,7 +78,7 @@ def note_hint(svc: Services, job_id: uuid.UUID, hint: str) -> None:
     """Keep the taskid a callback named for a job whose Run's answer never came: the only
     word of its task, which the sweep may adopt through Task/Detail."""
     with transaction(svc.sessions) as s:
-        job = jobs.get(s, job_id, full=False)
+        job = jobs.get(s, job_id)
         if (
             job is not None
             and job.status == S.submitting
@@ -100,7 +100,7 @@ def check(svc: Services, job_id: uuid.UUID, token: str) -> bool:
     """Refuse an unknown job or a wrong token (``Refused``) and a finished job (``Spent``);
     True when the job waits for its Run's answer (a taskid in the body then counts)."""
     with transaction(svc.sessions) as s:
-        job = jobs.get(s, job_id, full=False)
+        job = jobs.get(s, job_id)
     stored = job.callback_token_hash if job else None
     # Same work for unknown jobs and wrong tokens: the answer reveals nothing.
     if not token_matches(token, stored or "0" * 64) or job is None:

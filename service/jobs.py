@@ -327,11 +327,11 @@ def get(
     session: Session,
     job_id: uuid.UUID,
     *,
-    full: bool = True,
+    full: bool = False,
     load: Sequence[str] | None = None,
 ) -> Job | None:
-    """One job, with its inputs, outputs and timeline when ``full`` (or only the
-    relations named in ``load``: a worker step reads what it uses)."""
+    """One job; with its inputs, outputs and timeline when ``full``, or only the relations
+    named in ``load`` (a worker step reads what it uses). The row alone by default."""
     query = select(Job).where(Job.id == job_id)
     names = load if load is not None else (RELATIONS if full else ())
     if names:

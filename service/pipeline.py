@@ -150,7 +150,7 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
             wiro_status="task_queue",
             wiro_stop_next_at=func.now(),
         )
-        current = jobs.get(s, job_id, full=False)
+        current = jobs.get(s, job_id)
         admission.run_accepted(s, svc.settings)
     structlog.contextvars.bind_contextvars(taskid=accepted.taskid)
     bound.info("run_accepted", taskid=accepted.taskid, moved=bool(moved), orphan=orphan)
@@ -265,7 +265,7 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
             )
         return
     with unit_of_work(svc) as s:
-        current = jobs.get(s, job.id, full=False)
+        current = jobs.get(s, job.id)
         if current is not None and current.cancel_requested_at is not None:
             # Canceled while the Run was refused: Wiro has nothing, so cancel here.
             jobs.transition(s, job.id, S.canceled, from_=[S.submitting], detail={"by": "client"})
@@ -407,7 +407,7 @@ def reconcile(
     if source == "callback":
         metrics.CALLBACKS.inc()
     with unit_of_work(svc) as s:
-        job = jobs.get(s, job_id, full=False)
+        job = jobs.get(s, job_id)
     if job is None or S(job.status).terminal:
         return
     if job.wiro_taskid is not None:
@@ -694,7 +694,7 @@ def request_cancel(svc: Services, job_id: uuid.UUID) -> bool:
     if canceled is not None:
         return True
     with unit_of_work(svc) as s:
-        job = jobs.get(s, job_id, full=False)
+        job = jobs.get(s, job_id)
         if job is None:
             raise LookupError(job_id)
         if job.status == S.canceled:
@@ -772,7 +772,7 @@ def stop_at_wiro(svc: Services, job_id: uuid.UUID) -> None:
     (deadline, timeout) only records how the task ended at Wiro.
     """
     with unit_of_work(svc) as s:
-        job = jobs.get(s, job_id, full=False)
+        job = jobs.get(s, job_id)
     if job is None or job.wiro_stop_next_at is None:
         return
     taskid = job.wiro_taskid
