@@ -37,7 +37,8 @@ class Services:
     output_policy: Policy = field(repr=False)
     # Clients' image URLs, when a worker fetches them itself (a job mixing files and URLs).
     image_url_policy: Policy = field(repr=False)
-    # Resolves image URLs' hosts for the check at submit (cached: it is on the hot path).
+    # Resolves image and webhook URLs' hosts for the checks at submit (cached: it is on the
+    # hot path; every fetch and delivery resolves again and pins what it checked).
     submit_resolver: Resolver = field(repr=False)
 
     def close(self) -> None:

@@ -312,7 +312,7 @@ def check_webhook_url(svc: Services, url: str) -> None:
     delivery attempt checks the URL again before connecting.
     """
     try:
-        ssrf.check_url(url, svc.settings.webhook_allow_list)
+        ssrf.check_url(url, svc.settings.webhook_allow_list, resolve=svc.submit_resolver)
     except ssrf.UrlRefused as exc:
         raise InputError(
             "webhook_url_not_allowed",

@@ -256,13 +256,13 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def too_many_waiters(exc: TooManyWaiters, what: str) -> ProblemError:
+def too_many_waiters(exc: TooManyWaiters) -> ProblemError:
     """The 429 for a stream or hold past the key's or the process's cap."""
     whose = "this key's" if exc.scope == "per_key" else "this server's"
     return ProblemError(
         429,
         "too_many_waiters",
-        f"{whose} limit of {exc.limit} open SSE streams and {what} is reached",
+        f"{whose} limit of {exc.limit} open SSE streams and Prefer: wait holds is reached",
         headers={"Retry-After": "5"},
     )
 

@@ -72,7 +72,9 @@ class BodyLimit:
                 # no clock then.
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+                # asyncio.timeout, not wait_for: no task made per chunk on the hot path.
+                async with asyncio.timeout(self.read_timeout_s):
+                    message = await receive()
             except TimeoutError:
                 raise SlowBody from None
             if message["type"] == "http.request":

@@ -160,7 +160,7 @@ async def job_events(
     try:
         sub = hub.subscribe(job_id, str(who.key_id))  # before the first read: no gap
     except TooManyWaiters as exc:
-        raise too_many_waiters(exc, "Prefer: wait holds") from exc
+        raise too_many_waiters(exc) from exc
     try:
         first = await run_in_threadpool(_read, svc, job_id, who, cursor)
     except BaseException:

@@ -132,7 +132,7 @@ async def _load_waiting(
         sub = hub.subscribe(job_id, str(who.key_id))
     except live.TooManyWaiters as exc:
         if response is None:
-            raise too_many_waiters(exc, "Prefer: wait holds") from exc
+            raise too_many_waiters(exc) from exc
         del response.headers["Preference-Applied"]
         return await run_in_threadpool(_load, svc, job_id, who)
     with sub:  # subscribed before reading: no news falls between
