@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     # A request body that stops coming for this long is answered 408 and its connection
     # closed (a client idle mid-body held a connection 180 s and more).
     body_read_timeout_s: float = Field(30.0, gt=0)
+    # The request head (line and headers) must come within this long of a connection's
+    # opening or of its previous response: past it, 408 and closed (a connection that sent
+    # nothing is just closed). Idle connections were held for as long as clients liked.
+    header_read_timeout_s: float = Field(15.0, gt=0)
     # Open SSE streams and Prefer: wait holds, together, per gateway process: in all and
     # per API key (past them: 429 with Retry-After; a submit's Prefer: wait is ignored).
     max_waiters: int = Field(2000, ge=1)

@@ -52,6 +52,7 @@ TEST_SETTINGS = {
     "OUTPUT_READ_TIMEOUT_S": "5",
     "OUTPUT_READ_DEADLINE_S": "8",
     "BODY_READ_TIMEOUT_S": "2",
+    "HEADER_READ_TIMEOUT_S": "2",
     # tests/test_live.py holds 200 waits of one key; test_slow_clients.py one past the cap.
     "MAX_WAITERS_PER_KEY": "250",
     "FINALIZE_ATTEMPTS": "2",

@@ -65,6 +65,78 @@ def test_a_body_that_stops_coming_is_a_408_and_its_connection_closed(
         assert b"request_timeout" in answer + rest  # and then the server closed
 
 
+def closed_by_server(conn: socket.socket, timeout: float = 10) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    conn.settimeout(timeout)
+    data = b""
+    while chunk := conn.recv(4096):
+        data += chunk
+    return data
+
+
+def test_headers_that_stop_coming_are_a_408_and_their_connection_closed(
+    stack: Stack, keys: dict[str, IssuedKey]
+) -> None:
+    with socket.create_connection(gateway(stack)) as conn:
+        key = keys["app-a"].key
+        conn.sendall(
+            f"GET /v1/jobs HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {key}\r\n".encode()
+        )
+        answer = closed_by_server(conn)  # HEADER_READ_TIMEOUT_S is 2 in tests
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"application/problem+json" in answer and b'"request_timeout"' in answer
+    assert b"did not all come within 2 s" in answer  # the head's deadline, not the body's
+
+
+def test_headers_sent_a_byte_at_a_time_do_not_hold_a_connection(stack: Stack) -> None:
+    # Each byte would cancel uvicorn's keep-alive timer: only a deadline on the whole head ends it.
+    head = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Drip: " + b"a" * 200
+    with socket.create_connection(gateway(stack)) as conn:
+        conn.settimeout(0.5)
+        started = time.monotonic()
+        answer = b""
+        for byte in head:
+            try:
+                conn.sendall(bytes([byte]))
+                answer += conn.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if answer:
+                break
+        assert time.monotonic() - started < 30, "the drip was never cut"
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+def test_connections_that_send_nothing_are_closed(stack: Stack) -> None:
+    conns = [socket.create_connection(gateway(stack)) for _ in range(200)]
+    try:
+        for conn in conns:
+            assert closed_by_server(conn) == b""  # closed with no answer: nothing was asked
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_a_malformed_head_is_a_400_in_the_problem_shape(stack: Stack) -> None:
+    with socket.create_connection(gateway(stack)) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost gateway-without-colon\r\n\r\n")
+        answer = closed_by_server(conn)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"application/problem+json" in answer and b'"bad_request"' in answer
+
+
+def test_keep_alive_requests_each_get_the_whole_head_deadline(stack: Stack) -> None:
+    # Requests on one connection, spread over more than one deadline, all answered.
+    request = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n"
+    with socket.create_connection(gateway(stack)) as conn:
+        for _ in range(3):
+            conn.sendall(request)
+            assert head_of_answer(conn).startswith(b"HTTP/1.1 200 ")
+            time.sleep(1.2)  # within keep-alive (5 s), past half the 2 s head deadline
+
+
 def test_a_callback_is_refused_on_its_token_before_its_body_is_read(stack: Stack) -> None:
     # The body is announced and never sent: only a check made before reading it answers.
     with socket.create_connection(gateway(stack)) as conn:

@@ -2,9 +2,9 @@
 them.
 
 Written as a raw ASGI middleware because Starlette has neither a body-size limit nor a body
-read timeout of its own, and a BaseHTTPMiddleware would buffer the body first. Headers are
-bounded by the server (uvicorn's ``h11_max_incomplete_event_size``, set by ``dreamgate
-serve``).
+read timeout of its own, and a BaseHTTPMiddleware would buffer the body first. The request head
+is bounded by the server: in size by uvicorn's ``h11_max_incomplete_event_size``, in time by
+``service/api/protocol.py`` (both set by ``dreamgate serve``).
 """
 
 from __future__ import annotations
@@ -29,17 +29,18 @@ class TooLargeBody(BaseException):
     """
 
 
-def _problem(status: int, code: str, detail: str, path: str) -> bytes:
-    return json.dumps(
-        {
-            "type": PROBLEM_TYPE + code,
-            "title": title(status),
-            "status": status,
-            "detail": detail,
-            "code": code,
-            "instance": path,
-        }
-    ).encode()
+def problem_body(status: int, code: str, detail: str, path: str | None) -> bytes:
+    """A problem+json document, for answers written below FastAPI's handlers."""
+    doc = {
+        "type": PROBLEM_TYPE + code,
+        "title": title(status),
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if path is not None:
+        doc["instance"] = path
+    return json.dumps(doc).encode()
 
 
 class BodyLimit:
@@ -103,7 +104,7 @@ class BodyLimit:
         return f"the request body is larger than {mib(self.limit)}"
 
     async def _refuse(self, send: Send, status: int, code: str, detail: str, path: str) -> None:
-        body = _problem(status, code, detail, path)
+        body = problem_body(status, code, detail, path)
         await send(
             {
                 "type": "http.response.start",

@@ -37,8 +37,9 @@ def serve(host: str, port: int, workers: int) -> None:
         workers=workers,
         log_config=None,
         proxy_headers=True,
-        # h11 (not httptools) because it bounds the header block while reading it.
-        http="h11",
+        # h11 (not httptools) because it bounds the header block while reading it; our
+        # subclass also bounds the time it takes (HEADER_READ_TIMEOUT_S).
+        http="service.api.protocol:GatewayH11Protocol",
         h11_max_incomplete_event_size=64 * 1024,
         # SIGTERM: stop accepting, let in-flight requests end (SSE and waits end at once,
         # service/live.py drain), cut what is left after this long.
