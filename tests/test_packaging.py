@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import email
 import hashlib
+import json
 import os
+import re
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +21,8 @@ from alembic.script import ScriptDirectory
 
 import migrations
 from service import __version__
-from service.stack import own_database
+from service.embedded import free_port
+from service.stack import Stack, own_database
 from tests.conftest import ROOT
 
 MIGRATIONS = sorted(p.name for p in (ROOT / "migrations" / "versions").glob("*.py"))
@@ -106,3 +110,74 @@ def test_the_unpacked_wheel_migrates_a_new_database_from_another_directory(
     head = ScriptDirectory.from_config(migrations.alembic_config(fresh_database)).get_current_head()
     assert version == (head,)
     assert {"jobs", "job_events", "api_keys", "webhook_messages"} <= tables
+
+
+def test_the_client_distribution_moves_with_the_server(wheel: Path) -> None:
+    # Both ship dreamgate_client/ (decision 0013): one version, or two owners disagree.
+    client = (ROOT / "clients" / "python" / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r'^version = "([^"]+)"', client, re.M)[1] == __version__  # type: ignore[index]
+
+
+DOCKERFILE = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+
+
+@pytest.mark.e2e
+def test_the_images_install_steps_give_a_server_that_passes_its_healthcheck(
+    wheel: Path, fresh_database: str, stack: Stack, tmp_path: Path
+) -> None:
+    """The Dockerfile's steps replayed without Docker (no engine on CI's machines): the wheel
+    into a clean venv with the constraints, then migrate, serve, and its HEALTHCHECK."""
+    # The steps replayed here are the ones the image runs.
+    assert "RUN pip wheel --no-deps --wheel-dir /dist ." in DOCKERFILE
+    assert "pip install --constraint /tmp/constraints.txt /tmp/dist/dreamgate-*.whl" in DOCKERFILE
+    assert "PYTHONPATH" not in DOCKERFILE
+    found = re.search(r"^HEALTHCHECK .*?CMD (\[.*?\])$", DOCKERFILE, re.M | re.S)
+    assert found, "the image has a HEALTHCHECK"
+    healthcheck: list[str] = json.loads(found[1])
+
+    venv = tmp_path / "image"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    subprocess.run(
+        ["pip", "install", "--quiet", "--constraint", str(ROOT / "constraints.txt"), str(wheel)],
+        check=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    app = tmp_path / "app"  # the image's WORKDIR: no checkout in sight
+    app.mkdir()
+    env.update({k: v for k, v in stack.env.items() if k not in ("PATH", "PYTHONPATH")})
+    env["DATABASE_URL"] = fresh_database
+    dreamgate = str(venv / "bin" / "dreamgate")
+    assert (
+        subprocess.run(
+            [dreamgate, "--version"], env=env, cwd=app, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == f"dreamgate, version {__version__}"
+    )
+    subprocess.run([dreamgate, "migrate"], env=env, cwd=app, check=True, timeout=120)
+
+    port = free_port()
+    probe = [arg.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for arg in healthcheck]
+    probe[0] = str(venv / "bin" / probe[0])  # `python` on the image's PATH is the venv's
+    ready = [*probe[:-1], probe[-1].replace("/healthz", "/readyz")]
+    server = subprocess.Popen(
+        [dreamgate, "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=app,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(probe, env=env, cwd=app, capture_output=True).returncode != 0:
+            assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
+            assert time.monotonic() < deadline, "the HEALTHCHECK never passed"
+            time.sleep(0.5)
+        # And ready: the installed server reaches PostgreSQL, Redis and S3.
+        subprocess.run(ready, env=env, cwd=app, check=True, timeout=30)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
