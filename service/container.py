@@ -13,7 +13,7 @@ from service.fetch import Policy
 from service.queue import TaskQueue, make_celery
 from service.ratelimit import SubmitRateLimiter
 from service.settings import Settings
-from service.ssrf import AllowList, CachingResolver, Resolver
+from service.ssrf import AllowList, CachingResolver
 from service.storage import Storage
 from service.wiro import WiroClient
 
@@ -39,7 +39,7 @@ class Services:
     image_url_policy: Policy = field(repr=False)
     # Resolves image and webhook URLs' hosts for the checks at submit (cached: it is on the
     # hot path; every fetch and delivery resolves again and pins what it checked).
-    submit_resolver: Resolver = field(repr=False)
+    submit_resolver: CachingResolver = field(repr=False)
 
     def close(self) -> None:
         """Release pools and connections."""

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, exc
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+from sqlalchemy import Engine, create_engine, event, exc, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 # A pooled connection idle longer than this is pinged before use. One used more recently
@@ -74,6 +77,50 @@ def _ping_when_idle(engine: Engine) -> None:
                 # The pool drops this connection and checks out (or opens) another.
                 raise exc.DisconnectionError() from error
             raise
+
+
+async def open_async_pool(
+    url: str,
+    *,
+    max_size: int = 10,
+    transaction_pooling: bool = False,
+    application_name: str | None = None,
+) -> AsyncConnectionPool:
+    """An autocommit psycopg pool for the event loop, for the few statements that are a
+    request's whole database work (a submit of URLs). Opened lazily, as ``make_engine``'s,
+    and pinged on checkout after ``PING_IF_IDLE_S`` of idleness, as its."""
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    kwargs: dict[str, Any] = {"autocommit": True}
+    if transaction_pooling:
+        kwargs["prepare_threshold"] = None
+    if application_name:
+        kwargs["application_name"] = application_name
+    idle_since: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    async def returned(conn: psycopg.AsyncConnection[Any]) -> None:
+        idle_since[conn] = time.monotonic()
+
+    async def check(conn: psycopg.AsyncConnection[Any]) -> None:
+        since = idle_since.get(conn)
+        if since is None or time.monotonic() - since >= PING_IF_IDLE_S:
+            # Raising makes the pool discard this connection and hand out another.
+            await AsyncConnectionPool.check_connection(conn)
+
+    pool: AsyncConnectionPool = AsyncConnectionPool(
+        dsn,
+        kwargs=kwargs,
+        min_size=1,
+        max_size=max_size,
+        open=False,
+        check=check,
+        reset=returned,
+        timeout=10.0,
+        name=application_name,
+    )
+    await pool.open()
+    return pool
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import IO, Any
 
 import structlog
+from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
@@ -243,20 +244,7 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
                     ),
                 )
             )
-        fields: dict[str, Any] = {
-            "job_id": job_id,
-            "owner": caller.owner,
-            "api_key_id": caller.api_key_id,
-            "prompt": sub.prompt,
-            "steps": sub.steps,
-            "scale": sub.scale,
-            "webhook_url": sub.webhook_url,
-            "webhook_events": sub.webhook_events,
-            "metadata": sub.metadata,
-            "inputs": inputs,
-            "priority": sub.priority,
-            "cancel_after": sub.cancel_after,
-        }
+        fields = _new_job(job_id, sub, caller, inputs)
         if caller.idempotency_key:
             # The key's row in the job's own transaction: of two racing requests exactly
             # one commits a job.
@@ -286,6 +274,53 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
                 return earlier
         raise
     return Accepted(job_id=job_id, replayed=False, job=view)
+
+
+def _new_job(
+    job_id: uuid.UUID, sub: Submission, caller: Caller, inputs: list[jobs.NewInput]
+) -> jobs.NewJob:
+    return jobs.NewJob(
+        job_id=job_id,
+        owner=caller.owner,
+        api_key_id=caller.api_key_id,
+        prompt=sub.prompt,
+        steps=sub.steps,
+        scale=sub.scale,
+        webhook_url=sub.webhook_url,
+        webhook_events=sub.webhook_events,
+        metadata=sub.metadata,
+        inputs=inputs,
+        priority=sub.priority,
+        cancel_after=sub.cancel_after,
+    )
+
+
+def fits_the_loop(svc: Services, sub: Submission, caller: Caller) -> bool:
+    """Whether ``accept_urls`` can take this submission on the event loop: image URLs only,
+    no Idempotency-Key, and every host to check already in the submit resolver's cache
+    (a lookup would block the loop; the thread-pool path makes it, and fills the cache)."""
+    if caller.idempotency_key or not sub.images:
+        return False
+    urls = [u for u in sub.images if isinstance(u, str)]
+    if len(urls) < len(sub.images):
+        return False  # files to sniff and store
+    return svc.submit_resolver.knows([*urls, *([sub.webhook_url] if sub.webhook_url else [])])
+
+
+async def accept_urls(
+    svc: Services, pool: AsyncConnectionPool, sub: Submission, caller: Caller
+) -> Accepted:
+    """``accept`` for a submission that ``fits_the_loop``, without leaving the event loop:
+    the same checks, then the one statement on the loop's autocommit pool. Nothing to
+    store first and nothing to undo (no file, no key)."""
+    if sub.webhook_url:
+        check_webhook_url(svc, sub.webhook_url)
+    check_images(svc, sub.images)
+    urls = [jobs.NewInput(kind="url", url=u) for u in sub.images if isinstance(u, str)]
+    job_id = uuid.uuid4()
+    async with pool.connection() as conn:
+        job, _ = await jobs.create_async(conn, **_new_job(job_id, sub, caller, urls))
+    return Accepted(job_id=job_id, replayed=False, job=_render(svc, job))
 
 
 def _thumbnail(svc: Services, file: IO[bytes], key: str) -> str | None:

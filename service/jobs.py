@@ -11,12 +11,14 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NotRequired, TypedDict, Unpack
 
+import psycopg
 import structlog
+from psycopg.rows import dict_row
 from sqlalchemy import (
     ColumnElement,
     String,
@@ -32,6 +34,7 @@ from sqlalchemy import (
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -147,25 +150,49 @@ _CREATE = text(
 _JOB_ATTRS = {prop.columns[0].name: prop.key for prop in sa_inspect(Job).column_attrs}
 
 
-def create(
-    session: Session,
-    *,
-    job_id: uuid.UUID,
-    owner: str,
-    prompt: str,
-    steps: int,
-    scale: float,
-    webhook_url: str | None,
-    metadata: dict[str, Any],
-    inputs: Sequence[NewInput],
-    api_key_id: uuid.UUID | None = None,
-    webhook_events: list[str] | None = None,
-    priority: str = "normal",
-    cancel_after: timedelta | None = None,
-) -> tuple[Job, JobEvent]:
+class NewJob(TypedDict):
+    """What a new job is made of (``create``, ``create_async``)."""
+
+    job_id: uuid.UUID
+    owner: str
+    prompt: str
+    steps: int
+    scale: float
+    webhook_url: str | None
+    metadata: dict[str, Any]
+    inputs: Sequence[NewInput]
+    api_key_id: NotRequired[uuid.UUID | None]
+    webhook_events: NotRequired[list[str] | None]
+    priority: NotRequired[str]
+    cancel_after: NotRequired[timedelta | None]
+
+
+def create(session: Session, **new: Unpack[NewJob]) -> tuple[Job, JobEvent]:
     """Insert a queued job, its inputs in order and its first timeline event, and wake
     admission; returns the job (its inputs, no outputs, the event loaded) and the event,
     as committed, not attached to the session."""
+    params, rows = _create_params(new)
+    return _created(session.execute(_CREATE, params).mappings().one(), new["job_id"], rows)
+
+
+# The same statement in psycopg's own parameter style, for the event loop's pool.
+_CREATE_PG = str(_CREATE.compile(dialect=postgresql_psycopg.dialect()))  # type: ignore[no-untyped-call]
+
+
+async def create_async(
+    conn: psycopg.AsyncConnection[Any], **new: Unpack[NewJob]
+) -> tuple[Job, JobEvent]:
+    """``create`` on an autocommit connection of the event loop's pool (db.open_async_pool):
+    the same one statement, and the same job and event back."""
+    params, rows = _create_params(new)
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(_CREATE_PG, params)
+    row = await cur.fetchone()
+    assert row is not None  # the CTE returns its one row, or raises
+    return _created(row, new["job_id"], rows)
+
+
+def _create_params(new: NewJob) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     # The request that made the job, for the log lines of the worker that later sends it.
     request_id = structlog.contextvars.get_contextvars().get("request_id")
     detail: dict[str, Any] = {"request_id": request_id} if request_id else {}
@@ -183,32 +210,33 @@ def create(
             "sha256": i.sha256,
             "thumb_key": i.thumb_key,
         }
-        for n, i in enumerate(inputs)
+        for n, i in enumerate(new["inputs"])
     ]
-    row = (
-        session.execute(
-            _CREATE,
-            {
-                "id": job_id,
-                "owner": owner,
-                "api_key_id": api_key_id,
-                "webhook_events": None if webhook_events is None else json.dumps(webhook_events),
-                "prompt": prompt,
-                "steps": steps,
-                "scale": scale,
-                "webhook_url": webhook_url,
-                "metadata": json.dumps(metadata),
-                "priority": PRIORITIES[priority],
-                "cancel_after_s": None if cancel_after is None else cancel_after.total_seconds(),
-                "inputs": json.dumps(rows),
-                "detail": json.dumps(detail),
-                "channel": uow.ADMIT_CHANNEL,
-                "why": uow.QUEUED,
-            },
-        )
-        .mappings()
-        .one()
-    )
+    webhook_events = new.get("webhook_events")
+    cancel_after = new.get("cancel_after")
+    params = {
+        "id": new["job_id"],
+        "owner": new["owner"],
+        "api_key_id": new.get("api_key_id"),
+        "webhook_events": None if webhook_events is None else json.dumps(webhook_events),
+        "prompt": new["prompt"],
+        "steps": new["steps"],
+        "scale": new["scale"],
+        "webhook_url": new["webhook_url"],
+        "metadata": json.dumps(new["metadata"]),
+        "priority": PRIORITIES[new.get("priority", "normal")],
+        "cancel_after_s": None if cancel_after is None else cancel_after.total_seconds(),
+        "inputs": json.dumps(rows),
+        "detail": json.dumps(detail),
+        "channel": uow.ADMIT_CHANNEL,
+        "why": uow.QUEUED,
+    }
+    return params, rows
+
+
+def _created(
+    row: Mapping[Any, Any], job_id: uuid.UUID, rows: list[dict[str, Any]]
+) -> tuple[Job, JobEvent]:
     job = Job(**{attr: row[col] for col, attr in _JOB_ATTRS.items()})
     event = JobEvent(
         id=row["event_id"],

@@ -100,3 +100,5 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # psycopg_pool logs every checkout at info ("connection given by …"): a line per submit.
+    logging.getLogger("psycopg.pool").setLevel(max(root.level, logging.WARNING))

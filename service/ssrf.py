@@ -181,6 +181,23 @@ class CachingResolver:
             raise hit[1]
         return hit[1]
 
+    def knows(self, urls: Iterable[str]) -> bool:
+        """Whether checking these URLs now would need no lookup (each host's answer is
+        cached and fresh, or the URL is refused before any lookup)."""
+        now = self._clock()
+        for url in urls:
+            try:
+                parts = urlsplit(url)
+                port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+            except ValueError:
+                continue  # malformed: refused without a lookup
+            host = (parts.hostname or "").rstrip(".")
+            with self._lock:
+                hit = self._cache.get((host, port))
+            if host and (hit is None or hit[0] <= now):
+                return False
+        return True
+
 
 @dataclass(frozen=True)
 class CheckedUrl:

@@ -27,6 +27,7 @@ from service.api.routers import (
     wiro_callback,
 )
 from service.container import Services, build_services
+from service.db import open_async_pool
 from service.live import JobEvents, listen_dsn
 from service.logs import configure_logging
 from service.settings import Settings, get_settings
@@ -96,11 +97,18 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             max_waiters_per_holder=settings.max_waiters_per_key,
         )
         await app.state.live.start()
+        # The event loop's own connections, for a submit of URLs (routers/jobs.py).
+        app.state.loop_pool = await open_async_pool(
+            settings.database_url,
+            transaction_pooling=settings.database_transaction_pooling,
+            application_name="dreamgate-gateway-loop",
+        )
         restore = drain_on_signals(asyncio.get_running_loop(), app.state.live.drain)
         try:
             yield
         finally:
             restore()
+            await app.state.loop_pool.close()
             await app.state.live.stop()
             if provider is not None:
                 # uvicorn ends the process by re-raising SIGTERM: no atexit flush then.

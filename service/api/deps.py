@@ -8,6 +8,7 @@ import structlog
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from psycopg_pool import AsyncConnectionPool
 
 from service import auth
 from service.api.errors import ProblemError
@@ -76,3 +77,9 @@ async def admin(who: PrincipalDep) -> auth.Principal:
 
 
 AdminDep = Annotated[auth.Principal, Depends(admin)]
+
+
+def loop_pool(request: Request) -> AsyncConnectionPool | None:
+    """This app's autocommit pool for the event loop (db.open_async_pool), once started."""
+    pool: AsyncConnectionPool | None = getattr(request.app.state, "loop_pool", None)
+    return pool
