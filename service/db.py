@@ -82,7 +82,7 @@ def _ping_when_idle(engine: Engine) -> None:
 async def open_async_pool(
     url: str,
     *,
-    max_size: int = 10,
+    max_size: int = 16,
     transaction_pooling: bool = False,
     application_name: str | None = None,
 ) -> AsyncConnectionPool:

@@ -24,6 +24,7 @@ import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import case, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
 
 from service import (
     admission,
@@ -509,7 +510,7 @@ def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str)
     if moved and outcome is Outcome.succeeded:
         # Inline, not a task hop: only the caller that moved the job gets here, and a crash
         # mid-copy leaves it in finalizing, which the sweep finalizes again (STUCK_AFTER_S).
-        finalize(svc, job_id)
+        finalize(svc, job_id, entered=[o.as_json() for o in task.outputs])
 
 
 # Statuses already logged by this process: one warning per status, not one per poll.
@@ -536,16 +537,45 @@ def _note_unknown_status(s: Any, status: str) -> None:
 # -- finalize ----------------------------------------------------------------------------
 
 
-def finalize(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
-    """Copy every output not yet copied from Wiro's URL into S3, then mark the job done."""
-    with unit_of_work(svc) as s:
-        job = jobs.get(s, job_id, load=["outputs"])
-    if job is None or job.status != S.finalizing:
-        return
-    done = {o.position for o in job.outputs}
-    for n, out in enumerate(job.wiro_outputs or []):
-        if n in done:
-            continue
+def finalize(
+    svc: Services,
+    job_id: uuid.UUID,
+    *,
+    attempt: int = 0,
+    entered: list[dict[str, Any]] | None = None,
+) -> None:
+    """Copy every output not yet copied from Wiro's URL into S3, then mark the job done.
+
+    ``entered``: the outputs of a job the caller has just moved into ``finalizing``, which
+    then has none copied yet: no read. The last output's row and ``succeeded`` are one
+    transaction.
+    """
+    if entered is None:
+        with unit_of_work(svc) as s:
+            job = jobs.get(s, job_id, load=["outputs"])
+        if job is None or job.status != S.finalizing:
+            return
+        wiro_outputs, done = job.wiro_outputs or [], {o.position for o in job.outputs}
+    else:
+        wiro_outputs, done = entered, set()
+    # WIRO_DELETE_AFTER_COPY: the delete at Wiro is due from the commit that says the
+    # outputs are safe in S3, so a worker lost right after still leaves it to the sweep.
+    cleanup: dict[str, Any] = (
+        {"wiro_delete_next_at": func.now()} if svc.settings.wiro_delete_after_copy else {}
+    )
+
+    def succeed(s: Session) -> bool:
+        detail = {"outputs": len(wiro_outputs)}
+        return bool(
+            jobs.transition(s, job_id, S.succeeded, from_=[S.finalizing], detail=detail, **cleanup)
+        )
+
+    pending = [(n, out) for n, out in enumerate(wiro_outputs) if n not in done]
+    succeeded = False
+    if not pending:
+        with unit_of_work(svc) as s:
+            succeeded = succeed(s)
+    for n, out in pending:
         key = storage.output_key(job_id, n, str(out.get("name") or f"{n}.png"))
         spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)  # noqa: SIM115 - closed below
         try:
@@ -585,20 +615,8 @@ def finalize(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
                 source_url=str(out["url"]),
                 thumb_key=thumb,
             )
-    # WIRO_DELETE_AFTER_COPY: the delete at Wiro is due from the commit that says the
-    # outputs are safe in S3, so a worker lost right after still leaves it to the sweep.
-    cleanup: dict[str, Any] = (
-        {"wiro_delete_next_at": func.now()} if svc.settings.wiro_delete_after_copy else {}
-    )
-    with unit_of_work(svc) as s:
-        succeeded = jobs.transition(
-            s,
-            job_id,
-            S.succeeded,
-            from_=[S.finalizing],
-            detail={"outputs": len(job.wiro_outputs or [])},
-            **cleanup,
-        )
+            if n == pending[-1][0]:
+                succeeded = succeed(s)
     if succeeded and cleanup:
         privacy.delete_at_wiro(svc, job_id)
 

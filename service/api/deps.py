@@ -19,8 +19,9 @@ log = structlog.get_logger(__name__)
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer dg_…`")
 
 
-def get_services(request: Request) -> Services:
-    """The services the app factory built for this process."""
+async def get_services(request: Request) -> Services:
+    """The services the app factory built for this process (async: FastAPI would run a
+    plain function in the thread pool, a trip per request for an attribute read)."""
     services: Services = request.app.state.services
     return services
 

@@ -14,7 +14,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", summary="The process is up")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """Answers 200 while the process runs; checks nothing else (a liveness probe)."""
     return {"status": "ok"}
 
