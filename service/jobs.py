@@ -22,6 +22,7 @@ from psycopg.rows import dict_row
 from sqlalchemy import (
     ColumnElement,
     String,
+    bindparam,
     cast,
     delete,
     func,
@@ -609,6 +610,62 @@ def uncertain_runs(session: Session, *, older_than: timedelta, batch: int) -> li
         .limit(batch)
     )
     return [UncertainRun(job_id=r[0], hint=r[1], expired=bool(r[2])) for r in rows]
+
+
+# -- live progress (service/progress.py) ------------------------------------------------
+
+
+def running_with_socket(session: Session) -> dict[uuid.UUID, str]:
+    """The running jobs whose task has a socket to follow, and its access token."""
+    rows = session.execute(
+        select(Job.id, Job.wiro_socket_token).where(
+            Job.status == S.running.value, Job.wiro_socket_token.is_not(None)
+        )
+    )
+    return {r.id: str(r.wiro_socket_token) for r in rows}
+
+
+@dataclass(frozen=True)
+class ProgressChange:
+    """What a job's socket said since the last write (None: unchanged)."""
+
+    job_id: uuid.UUID
+    progress: dict[str, Any] | None
+    status: str | None
+
+
+def set_progress(session: Session, changes: Sequence[ProgressChange]) -> None:
+    """One UPDATE for every job that changed, only while it is running (its end wins)."""
+    if not changes:
+        return
+    session.connection().execute(
+        update(Job)
+        .where(Job.id == bindparam("b_id"), Job.status == S.running.value)
+        .values(
+            progress=func.coalesce(
+                bindparam("b_progress", type_=JSONB(none_as_null=True)), Job.progress
+            ),
+            progress_at=func.now(),
+            wiro_status=func.coalesce(bindparam("b_status"), Job.wiro_status),
+        ),
+        [{"b_id": c.job_id, "b_progress": c.progress, "b_status": c.status} for c in changes],
+    )
+
+
+def note_progress(session: Session, job_id: uuid.UUID, progress: dict[str, Any]) -> int | None:
+    """A ``progress`` note in the timeline while the job is running; its event id (None:
+    the job is no longer running)."""
+    event_id: int | None = session.execute(
+        insert(JobEvent)
+        .from_select(
+            ["job_id", "kind", "detail"],
+            select(Job.id, literal("progress"), literal(progress, JobEvent.detail.type)).where(
+                Job.id == job_id, Job.status == S.running.value
+            ),
+        )
+        .returning(JobEvent.id)
+    ).scalar_one_or_none()
+    return event_id
 
 
 def counts_by_status(session: Session) -> dict[str, int]:
