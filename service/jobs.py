@@ -612,6 +612,54 @@ def uncertain_runs(session: Session, *, older_than: timedelta, batch: int) -> li
     return [UncertainRun(job_id=r[0], hint=r[1], expired=bool(r[2])) for r in rows]
 
 
+# -- deleting a task's files at Wiro (service/privacy.py) ------------------------------
+
+
+def claim_wiro_delete(
+    session: Session, job_id: uuid.UUID, *, lease: timedelta
+) -> tuple[str | None, int] | None:
+    """Claim the job's due delete at Wiro: one guarded UPDATE pushes the next try out by
+    ``lease`` and counts the attempt, so a sweep racing a worker makes one call, not two.
+    The job's socket token and this attempt's number; None when nothing is due."""
+    row = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.wiro_delete_next_at.is_not(None),
+            Job.wiro_delete_next_at <= func.now() + timedelta(seconds=1),
+        )
+        .values(
+            wiro_delete_next_at=func.now() + lease,
+            wiro_delete_attempts=Job.wiro_delete_attempts + 1,
+        )
+        .returning(Job.wiro_socket_token, Job.wiro_delete_attempts)
+    ).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+def settle_wiro_delete(
+    session: Session, job_id: uuid.UUID, *, deleted: bool, retry_in: timedelta | None
+) -> None:
+    """After a try: done (``deleted``), tried again in ``retry_in``, or given up (neither)."""
+    values: dict[str, Any] = {
+        "wiro_delete_next_at": None if retry_in is None else func.now() + retry_in
+    }
+    if deleted:
+        values["wiro_deleted_at"] = func.now()
+    session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def due_for_wiro_delete(session: Session, *, batch: int) -> list[uuid.UUID]:
+    """Jobs whose delete at Wiro is due (ix_jobs_wiro_delete_due)."""
+    rows = session.execute(
+        select(Job.id)
+        .where(Job.wiro_delete_next_at.is_not(None), Job.wiro_delete_next_at <= func.now())
+        .order_by(Job.wiro_delete_next_at)
+        .limit(batch)
+    )
+    return list(rows.scalars())
+
+
 # -- live progress (service/progress.py) ------------------------------------------------
 
 
