@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NotRequired, TypedDict, Unpack
+from typing import Any, NamedTuple, NotRequired, TypedDict, Unpack
 
 import psycopg
 import structlog
@@ -380,6 +380,26 @@ def owner_of(session: Session, job_id: uuid.UUID) -> str | None:
         select(Job.owner).where(Job.id == job_id)
     ).scalar_one_or_none()
     return owner
+
+
+class OwnerAndStatus(NamedTuple):
+    """Who owns a job and where it is."""
+
+    owner: str
+    status: JobStatus
+
+
+def owner_and_status(session: Session, job_id: uuid.UUID) -> OwnerAndStatus | None:
+    """The job's owner and status, read together (None: no such job)."""
+    row = session.execute(select(Job.owner, Job.status).where(Job.id == job_id)).one_or_none()
+    return None if row is None else OwnerAndStatus(row.owner, JobStatus(row.status))
+
+
+def timeline(session: Session, job_id: uuid.UUID) -> Sequence[JobEvent]:
+    """The job's events in order (what ``Job.events`` loads, without the job)."""
+    return session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+    ).all()
 
 
 def output_key_of(session: Session, job_id: uuid.UUID, position: int) -> str | None:
