@@ -599,6 +599,20 @@ def queued_since(session: Session, *, older_than: timedelta, batch: int) -> list
     return list(rows.scalars())
 
 
+def refusals(session: Session, job_id: uuid.UUID) -> int:
+    """How many times Wiro refused this job's Run so far (the back-off's exponent)."""
+    count = session.execute(
+        select(func.count())
+        .select_from(JobEvent)
+        .where(
+            JobEvent.job_id == job_id,
+            JobEvent.from_status == S.submitting,
+            JobEvent.to_status == S.queued,
+        )
+    ).scalar_one()
+    return int(count)
+
+
 @dataclass(frozen=True)
 class UncertainRun:
     """A Run that may have reached Wiro and has not named its task for too long."""
