@@ -402,6 +402,25 @@ def timeline(session: Session, job_id: uuid.UUID) -> Sequence[JobEvent]:
     ).all()
 
 
+class HookWish(NamedTuple):
+    """What a job event is and what its job's webhook asks for."""
+
+    kind: str
+    to_status: str | None
+    webhook_url: str | None
+    webhook_events: list[str] | None
+
+
+def hook_wish(session: Session, event_id: int) -> HookWish | None:
+    """One light read of an event and its job's webhook wishes (None: no such event)."""
+    row = session.execute(
+        select(JobEvent.kind, JobEvent.to_status, Job.webhook_url, Job.webhook_events)
+        .join(Job, Job.id == JobEvent.job_id)
+        .where(JobEvent.id == event_id)
+    ).one_or_none()
+    return None if row is None else HookWish(*row)
+
+
 def output_key_of(session: Session, job_id: uuid.UUID, position: int) -> str | None:
     """Where output ``position`` of the job is stored (None: no such output)."""
     key: str | None = session.execute(

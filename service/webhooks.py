@@ -90,11 +90,7 @@ def dispatch(svc: Services, job_event_id: int) -> uuid.UUID | None:
     """Make the webhook message of a job event, once; returns it when made by this call."""
     with transaction(svc.sessions) as s:
         # One light read first: most jobs have no webhook, and then that is all it costs.
-        wanted = s.execute(
-            select(JobEvent.kind, JobEvent.to_status, Job.webhook_url, Job.webhook_events)
-            .join(Job, Job.id == JobEvent.job_id)
-            .where(JobEvent.id == job_event_id)
-        ).one_or_none()
+        wanted = jobs.hook_wish(s, job_event_id)
         if wanted is None:
             return None
         event_type = _event_type(wanted.kind, wanted.to_status)
