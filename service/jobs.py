@@ -421,6 +421,19 @@ def hook_wish(session: Session, event_id: int) -> HookWish | None:
     return None if row is None else HookWish(*row)
 
 
+def transitions_of(
+    session: Session, job_ids: Sequence[uuid.UUID], where: ColumnElement[bool]
+) -> Sequence[tuple[uuid.UUID, str | None, str | None, datetime]]:
+    """The transitions of many jobs that match ``where``, in order: ``(job_id, from, to,
+    at)`` (one query for a page of jobs)."""
+    rows = session.execute(
+        select(JobEvent.job_id, JobEvent.from_status, JobEvent.to_status, JobEvent.at)
+        .where(JobEvent.job_id.in_(job_ids), JobEvent.kind == "transition", where)
+        .order_by(JobEvent.id)
+    )
+    return rows.tuples().all()
+
+
 def output_key_of(session: Session, job_id: uuid.UUID, position: int) -> str | None:
     """Where output ``position`` of the job is stored (None: no such output)."""
     key: str | None = session.execute(
