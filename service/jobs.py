@@ -327,9 +327,12 @@ def transition(
 CALLBACK_HINT = "callback_hint"
 
 
-def note(session: Session, job_id: uuid.UUID, kind: str, detail: dict[str, Any]) -> None:
-    """Append a timeline event that is not a state change (e.g. an uncertain Run)."""
-    session.execute(insert(JobEvent).values(job_id=job_id, kind=kind, detail=detail))
+def note(session: Session, job_id: uuid.UUID, kind: str, detail: dict[str, Any]) -> int:
+    """Append a timeline event that is not a state change (e.g. an uncertain Run); its id."""
+    event_id: int = session.execute(
+        insert(JobEvent).values(job_id=job_id, kind=kind, detail=detail).returning(JobEvent.id)
+    ).scalar_one()
+    return event_id
 
 
 def update_fields(
