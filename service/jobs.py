@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, NotRequired, TypedDict, Unpack
+from typing import Any, Literal, NamedTuple, NotRequired, TypedDict, Unpack
 
 import psycopg
 import structlog
@@ -441,6 +441,17 @@ def output_key_of(session: Session, job_id: uuid.UUID, position: int) -> str | N
     """Where output ``position`` of the job is stored (None: no such output)."""
     key: str | None = session.execute(
         select(JobOutput.s3_key).where(JobOutput.job_id == job_id, JobOutput.position == position)
+    ).scalar_one_or_none()
+    return key
+
+
+def thumb_key_of(
+    session: Session, job_id: uuid.UUID, kind: Literal["inputs", "outputs"], position: int
+) -> str | None:
+    """Where the thumbnail of input or output ``position`` is stored (None: not made)."""
+    table = JobInput if kind == "inputs" else JobOutput
+    key: str | None = session.execute(
+        select(table.thumb_key).where(table.job_id == job_id, table.position == position)
     ).scalar_one_or_none()
     return key
 
