@@ -405,6 +405,11 @@ def timeline(session: Session, job_id: uuid.UUID) -> Sequence[JobEvent]:
     ).all()
 
 
+def event_of(session: Session, event_id: int) -> JobEvent | None:
+    """One timeline event (None: no such event)."""
+    return session.get(JobEvent, event_id)
+
+
 class HookWish(NamedTuple):
     """What a job event is and what its job's webhook asks for."""
 

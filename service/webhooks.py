@@ -98,7 +98,7 @@ def dispatch(svc: Services, job_event_id: int) -> uuid.UUID | None:
             return None
         if not wants(wanted.webhook_events, event_type):
             return None
-        event = s.get(JobEvent, job_event_id)
+        event = jobs.event_of(s, job_event_id)
         job = jobs.get(s, event.job_id, full=True) if event is not None else None
         if event is None or job is None or not job.webhook_url:
             return None
