@@ -113,8 +113,8 @@ def _broker_depth(bench: Bench) -> int:
 
 def _passes(bench: Bench, n: int) -> dict[str, Any]:
     """A burst of ``n`` jobs committed in one transaction: passes and broker depth."""
-    from service import jobs
     from service.uow import unit_of_work
+    from tests.factories import create_job
 
     _with_limit(bench, str(PASSES_LIMIT))
     _reset(bench, task_duration_s=0.3)
@@ -125,17 +125,7 @@ def _passes(bench: Bench, n: int) -> dict[str, Any]:
     t0 = time.monotonic()
     with unit_of_work(svc) as s:
         for job_id in ids:
-            jobs.create(
-                s,
-                job_id=job_id,
-                owner="bench-burst",
-                prompt="p",
-                steps=1,
-                scale=3.5,
-                webhook_url=None,
-                metadata={},
-                inputs=[jobs.NewInput(kind="url", url=url)],
-            )
+            create_job(s, job_id=job_id, owner="bench-burst", steps=1, url=url)
     deepest = 0
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:

@@ -55,6 +55,7 @@ def floor(bench: Bench, n: int) -> list[dict[str, float]]:
     from service.models import JobStatus as S
     from service.pipeline import copy_url
     from service.wiro import Outcome, RunInput
+    from tests.factories import create_job
 
     svc = bench.services()
     r = redis.Redis.from_url(bench.redis_url)
@@ -67,15 +68,11 @@ def floor(bench: Bench, n: int) -> list[dict[str, float]]:
             job_id = uuid.uuid4()
             t0 = time.perf_counter()
             with transaction(svc.sessions) as s:
-                jobs.create(
+                create_job(
                     s,
                     job_id=job_id,
                     owner="bench-floor",
                     prompt="floor",
-                    steps=25,
-                    scale=3.5,
-                    webhook_url=None,
-                    metadata={},
                     inputs=[
                         jobs.NewInput(
                             kind="file",

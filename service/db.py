@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
-from sqlalchemy import Engine, create_engine, event, exc, make_url
+from sqlalchemy import Engine, create_engine, event, exc, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 # A pooled connection idle longer than this is pinged before use. One used more recently
@@ -121,6 +121,12 @@ async def open_async_pool(
     )
     await pool.open()
     return pool
+
+
+def ping(engine: Engine) -> None:
+    """Raise unless PostgreSQL answers (the readiness probe's check)."""
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -9,10 +9,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import IO, Any
+from typing import IO, Annotated, Any
 
 import structlog
 from psycopg_pool import AsyncConnectionPool
+from pydantic import AnyHttpUrl, BaseModel, Field
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
@@ -27,6 +28,22 @@ from service.views import JobOut, job_out
 
 ALLOWED_FORMATS = images.ALLOWED_FORMATS
 log = structlog.get_logger(__name__)
+
+# Image URLs as a submit gives them: at least one, each an absolute http(s) URL. It is the
+# type of JSON's ``JobCreate.image_urls``; a form's ``image_urls`` fields are checked
+# against it by ``check_url_syntax``.
+ImageUrls = Annotated[list[AnyHttpUrl], Field(min_length=1)]
+
+
+class _ImageUrlFields(BaseModel):
+    image_urls: ImageUrls
+
+
+def check_url_syntax(urls: list[str]) -> None:
+    """Raise pydantic's ``ValidationError`` (located at ``image_urls``, n) unless each URL
+    is one ``ImageUrls`` takes; no URLs is nothing to check (the images may be files)."""
+    if urls:
+        _ImageUrlFields.model_validate({"image_urls": urls})
 
 
 class InputError(ValueError):

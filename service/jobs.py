@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NotRequired, TypedDict, Unpack
+from typing import Any, Literal, NamedTuple, NotRequired, TypedDict, Unpack
 
 import psycopg
 import structlog
@@ -22,6 +22,7 @@ from psycopg.rows import dict_row
 from sqlalchemy import (
     ColumnElement,
     String,
+    bindparam,
     cast,
     delete,
     func,
@@ -326,9 +327,12 @@ def transition(
 CALLBACK_HINT = "callback_hint"
 
 
-def note(session: Session, job_id: uuid.UUID, kind: str, detail: dict[str, Any]) -> None:
-    """Append a timeline event that is not a state change (e.g. an uncertain Run)."""
-    session.execute(insert(JobEvent).values(job_id=job_id, kind=kind, detail=detail))
+def note(session: Session, job_id: uuid.UUID, kind: str, detail: dict[str, Any]) -> int:
+    """Append a timeline event that is not a state change (e.g. an uncertain Run); its id."""
+    event_id: int = session.execute(
+        insert(JobEvent).values(job_id=job_id, kind=kind, detail=detail).returning(JobEvent.id)
+    ).scalar_one()
+    return event_id
 
 
 def update_fields(
@@ -381,10 +385,78 @@ def owner_of(session: Session, job_id: uuid.UUID) -> str | None:
     return owner
 
 
+class OwnerAndStatus(NamedTuple):
+    """Who owns a job and where it is."""
+
+    owner: str
+    status: JobStatus
+
+
+def owner_and_status(session: Session, job_id: uuid.UUID) -> OwnerAndStatus | None:
+    """The job's owner and status, read together (None: no such job)."""
+    row = session.execute(select(Job.owner, Job.status).where(Job.id == job_id)).one_or_none()
+    return None if row is None else OwnerAndStatus(row.owner, JobStatus(row.status))
+
+
+def timeline(session: Session, job_id: uuid.UUID) -> Sequence[JobEvent]:
+    """The job's events in order (what ``Job.events`` loads, without the job)."""
+    return session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+    ).all()
+
+
+def event_of(session: Session, event_id: int) -> JobEvent | None:
+    """One timeline event (None: no such event)."""
+    return session.get(JobEvent, event_id)
+
+
+class HookWish(NamedTuple):
+    """What a job event is and what its job's webhook asks for."""
+
+    kind: str
+    to_status: str | None
+    webhook_url: str | None
+    webhook_events: list[str] | None
+
+
+def hook_wish(session: Session, event_id: int) -> HookWish | None:
+    """One light read of an event and its job's webhook wishes (None: no such event)."""
+    row = session.execute(
+        select(JobEvent.kind, JobEvent.to_status, Job.webhook_url, Job.webhook_events)
+        .join(Job, Job.id == JobEvent.job_id)
+        .where(JobEvent.id == event_id)
+    ).one_or_none()
+    return None if row is None else HookWish(*row)
+
+
+def transitions_of(
+    session: Session, job_ids: Sequence[uuid.UUID], where: ColumnElement[bool]
+) -> Sequence[tuple[uuid.UUID, str | None, str | None, datetime]]:
+    """The transitions of many jobs that match ``where``, in order: ``(job_id, from, to,
+    at)`` (one query for a page of jobs)."""
+    rows = session.execute(
+        select(JobEvent.job_id, JobEvent.from_status, JobEvent.to_status, JobEvent.at)
+        .where(JobEvent.job_id.in_(job_ids), JobEvent.kind == "transition", where)
+        .order_by(JobEvent.id)
+    )
+    return rows.tuples().all()
+
+
 def output_key_of(session: Session, job_id: uuid.UUID, position: int) -> str | None:
     """Where output ``position`` of the job is stored (None: no such output)."""
     key: str | None = session.execute(
         select(JobOutput.s3_key).where(JobOutput.job_id == job_id, JobOutput.position == position)
+    ).scalar_one_or_none()
+    return key
+
+
+def thumb_key_of(
+    session: Session, job_id: uuid.UUID, kind: Literal["inputs", "outputs"], position: int
+) -> str | None:
+    """Where the thumbnail of input or output ``position`` is stored (None: not made)."""
+    table = JobInput if kind == "inputs" else JobOutput
+    key: str | None = session.execute(
+        select(table.thumb_key).where(table.job_id == job_id, table.position == position)
     ).scalar_one_or_none()
     return key
 
@@ -578,6 +650,20 @@ def queued_since(session: Session, *, older_than: timedelta, batch: int) -> list
     return list(rows.scalars())
 
 
+def refusals(session: Session, job_id: uuid.UUID) -> int:
+    """How many times Wiro refused this job's Run so far (the back-off's exponent)."""
+    count = session.execute(
+        select(func.count())
+        .select_from(JobEvent)
+        .where(
+            JobEvent.job_id == job_id,
+            JobEvent.from_status == S.submitting,
+            JobEvent.to_status == S.queued,
+        )
+    ).scalar_one()
+    return int(count)
+
+
 @dataclass(frozen=True)
 class UncertainRun:
     """A Run that may have reached Wiro and has not named its task for too long."""
@@ -609,6 +695,110 @@ def uncertain_runs(session: Session, *, older_than: timedelta, batch: int) -> li
         .limit(batch)
     )
     return [UncertainRun(job_id=r[0], hint=r[1], expired=bool(r[2])) for r in rows]
+
+
+# -- deleting a task's files at Wiro (service/privacy.py) ------------------------------
+
+
+def claim_wiro_delete(
+    session: Session, job_id: uuid.UUID, *, lease: timedelta
+) -> tuple[str | None, int] | None:
+    """Claim the job's due delete at Wiro: one guarded UPDATE pushes the next try out by
+    ``lease`` and counts the attempt, so a sweep racing a worker makes one call, not two.
+    The job's socket token and this attempt's number; None when nothing is due."""
+    row = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.wiro_delete_next_at.is_not(None),
+            Job.wiro_delete_next_at <= func.now() + timedelta(seconds=1),
+        )
+        .values(
+            wiro_delete_next_at=func.now() + lease,
+            wiro_delete_attempts=Job.wiro_delete_attempts + 1,
+        )
+        .returning(Job.wiro_socket_token, Job.wiro_delete_attempts)
+    ).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+def settle_wiro_delete(
+    session: Session, job_id: uuid.UUID, *, deleted: bool, retry_in: timedelta | None
+) -> None:
+    """After a try: done (``deleted``), tried again in ``retry_in``, or given up (neither)."""
+    values: dict[str, Any] = {
+        "wiro_delete_next_at": None if retry_in is None else func.now() + retry_in
+    }
+    if deleted:
+        values["wiro_deleted_at"] = func.now()
+    session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def due_for_wiro_delete(session: Session, *, batch: int) -> list[uuid.UUID]:
+    """Jobs whose delete at Wiro is due (ix_jobs_wiro_delete_due)."""
+    rows = session.execute(
+        select(Job.id)
+        .where(Job.wiro_delete_next_at.is_not(None), Job.wiro_delete_next_at <= func.now())
+        .order_by(Job.wiro_delete_next_at)
+        .limit(batch)
+    )
+    return list(rows.scalars())
+
+
+# -- live progress (service/progress.py) ------------------------------------------------
+
+
+def running_with_socket(session: Session) -> dict[uuid.UUID, str]:
+    """The running jobs whose task has a socket to follow, and its access token."""
+    rows = session.execute(
+        select(Job.id, Job.wiro_socket_token).where(
+            Job.status == S.running.value, Job.wiro_socket_token.is_not(None)
+        )
+    )
+    return {r.id: str(r.wiro_socket_token) for r in rows}
+
+
+@dataclass(frozen=True)
+class ProgressChange:
+    """What a job's socket said since the last write (None: unchanged)."""
+
+    job_id: uuid.UUID
+    progress: dict[str, Any] | None
+    status: str | None
+
+
+def set_progress(session: Session, changes: Sequence[ProgressChange]) -> None:
+    """One UPDATE for every job that changed, only while it is running (its end wins)."""
+    if not changes:
+        return
+    session.connection().execute(
+        update(Job)
+        .where(Job.id == bindparam("b_id"), Job.status == S.running.value)
+        .values(
+            progress=func.coalesce(
+                bindparam("b_progress", type_=JSONB(none_as_null=True)), Job.progress
+            ),
+            progress_at=func.now(),
+            wiro_status=func.coalesce(bindparam("b_status"), Job.wiro_status),
+        ),
+        [{"b_id": c.job_id, "b_progress": c.progress, "b_status": c.status} for c in changes],
+    )
+
+
+def note_progress(session: Session, job_id: uuid.UUID, progress: dict[str, Any]) -> int | None:
+    """A ``progress`` note in the timeline while the job is running; its event id (None:
+    the job is no longer running)."""
+    event_id: int | None = session.execute(
+        insert(JobEvent)
+        .from_select(
+            ["job_id", "kind", "detail"],
+            select(Job.id, literal("progress"), literal(progress, JobEvent.detail.type)).where(
+                Job.id == job_id, Job.status == S.running.value
+            ),
+        )
+        .returning(JobEvent.id)
+    ).scalar_one_or_none()
+    return event_id
 
 
 def counts_by_status(session: Session) -> dict[str, int]:

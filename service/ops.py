@@ -21,8 +21,6 @@ from service import jobs
 from service.models import (
     ACTIVE,
     Job,
-    JobInput,
-    JobOutput,
     JobStatus,
     WebhookDelivery,
     WebhookMessage,
@@ -451,11 +449,7 @@ def list_messages(
 
 def thumbnails(session: Session, job_id: uuid.UUID) -> list[dict[str, Any]] | None:
     """The job's thumbnails (inputs, then outputs, in order); None if there is no job."""
-    job = session.execute(
-        select(Job)
-        .where(Job.id == job_id)
-        .options(selectinload(Job.inputs), selectinload(Job.outputs))
-    ).scalar_one_or_none()
+    job = jobs.get(session, job_id, load=("inputs", "outputs"))
     if job is None:
         return None
     found: list[dict[str, Any]] = [
@@ -469,11 +463,3 @@ def thumbnails(session: Session, job_id: uuid.UUID) -> list[dict[str, Any]] | No
         if o.thumb_key
     ]
     return found
-
-
-def thumbnail_key(session: Session, job_id: uuid.UUID, kind: str, position: int) -> str | None:
-    """Where one thumbnail is in S3, if it was made."""
-    table = JobInput if kind == "inputs" else JobOutput
-    return session.execute(
-        select(table.thumb_key).where(table.job_id == job_id, table.position == position)
-    ).scalar_one_or_none()

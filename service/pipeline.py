@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -39,7 +39,7 @@ from service import (
 )
 from service.container import Services
 from service.fetch import FetchError, FetchRefused
-from service.models import TERMINAL, Job, JobEvent, WiroStatusSeen
+from service.models import TERMINAL, Job, WiroStatusSeen
 from service.models import JobStatus as S
 from service.storage import StoredObject
 from service.uow import later, unit_of_work
@@ -278,7 +278,7 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
             elif busy:
                 delay = random.uniform(0.5, 2.0)  # the slot limit, not time, is the back-off
             else:
-                delay = backoff_s(_refusals(s, job.id))
+                delay = backoff_s(jobs.refusals(s, job.id))
             # Queued again (admission wakes: another job may take the slot now); this one
             # is ready after ``delay``, which the admission loop's poll notices, as it does
             # the next probe while admission is paused.
@@ -323,20 +323,6 @@ def fail_while_paused(svc: Services) -> int:
             )
             failed += moved is not None
     return failed
-
-
-def _refusals(s: Any, job_id: uuid.UUID) -> int:
-    """How many times Wiro refused this job's Run so far (the back-off's exponent)."""
-    count = s.execute(
-        select(func.count())
-        .select_from(JobEvent)
-        .where(
-            JobEvent.job_id == job_id,
-            JobEvent.from_status == S.submitting,
-            JobEvent.to_status == S.queued,
-        )
-    ).scalar_one()
-    return int(count)
 
 
 class NotRetryable(Exception):

@@ -12,11 +12,10 @@ import uuid
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import func, select, update
 
+from service import jobs
 from service.container import Services
 from service.db import transaction
-from service.models import Job
 from service.wiro import WiroError
 
 log = structlog.get_logger(__name__)
@@ -36,21 +35,7 @@ def delete_at_wiro(svc: Services, job_id: uuid.UUID) -> bool | None:
     confirmed, False if it failed (tried again later, or given up), None if there was
     nothing due (another worker holds it, or it is done)."""
     with transaction(svc.sessions) as s:
-        # Claim the try: one guarded UPDATE pushes the next try out by a lease, so a
-        # sweep racing a worker makes one call, not two.
-        claimed = s.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.wiro_delete_next_at.is_not(None),
-                Job.wiro_delete_next_at <= func.now() + timedelta(seconds=1),
-            )
-            .values(
-                wiro_delete_next_at=func.now() + DELETE_LEASE,
-                wiro_delete_attempts=Job.wiro_delete_attempts + 1,
-            )
-            .returning(Job.wiro_socket_token, Job.wiro_delete_attempts)
-        ).one_or_none()
+        claimed = jobs.claim_wiro_delete(s, job_id, lease=DELETE_LEASE)
     if claimed is None:
         return None
     token, attempt = claimed
@@ -65,23 +50,16 @@ def delete_at_wiro(svc: Services, job_id: uuid.UUID) -> bool | None:
             error = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # never let the courtesy break the worker's task
             error = f"{type(exc).__name__}: {exc}"
+    gave_up = attempt >= svc.settings.wiro_delete_attempts or not token
+    retry_in = None
+    if error is not None and not gave_up:
+        base_s = min(30.0, svc.settings.stuck_after_s)
+        retry_in = timedelta(seconds=delete_backoff_s(attempt, base_s=base_s))
     with transaction(svc.sessions) as s:
-        if error is None:
-            values: dict[str, object] = {"wiro_delete_next_at": None, "wiro_deleted_at": func.now()}
-        elif attempt >= svc.settings.wiro_delete_attempts or not token:
-            values = {"wiro_delete_next_at": None}
-        else:
-            values = {
-                "wiro_delete_next_at": func.now()
-                + timedelta(
-                    seconds=delete_backoff_s(attempt, base_s=min(30.0, svc.settings.stuck_after_s))
-                )
-            }
-        s.execute(update(Job).where(Job.id == job_id).values(**values))
+        jobs.settle_wiro_delete(s, job_id, deleted=error is None, retry_in=retry_in)
     if error is None:
         bound.info("wiro_files_deleted")
         return True
-    gave_up = attempt >= svc.settings.wiro_delete_attempts or not token
     bound.warning("wiro_delete_failed", error=error[:300], gave_up=gave_up)
     return False
 
@@ -89,10 +67,4 @@ def delete_at_wiro(svc: Services, job_id: uuid.UUID) -> bool | None:
 def due_deletes(svc: Services, *, batch: int) -> list[uuid.UUID]:
     """Jobs whose delete at Wiro is due (ix_jobs_wiro_delete_due)."""
     with transaction(svc.sessions) as s:
-        rows = s.execute(
-            select(Job.id)
-            .where(Job.wiro_delete_next_at.is_not(None), Job.wiro_delete_next_at <= func.now())
-            .order_by(Job.wiro_delete_next_at)
-            .limit(batch)
-        )
-        return list(rows.scalars())
+        return jobs.due_for_wiro_delete(s, batch=batch)

@@ -29,13 +29,10 @@ from typing import Any
 
 import structlog
 import websockets
-from sqlalchemy import bindparam, func, insert, literal, select, update
-from sqlalchemy.dialects.postgresql import JSONB
 
-from service import heartbeat, metrics
+from service import heartbeat, jobs, metrics
 from service.container import Services
 from service.db import transaction
-from service.models import Job, JobEvent, JobStatus
 
 log = structlog.get_logger(__name__)
 
@@ -161,12 +158,7 @@ class ProgressHub:
 
     def _running(self) -> dict[uuid.UUID, str]:
         with transaction(self.svc.sessions) as s:
-            rows = s.execute(
-                select(Job.id, Job.wiro_socket_token).where(
-                    Job.status == JobStatus.running.value, Job.wiro_socket_token.is_not(None)
-                )
-            )
-            return {r.id: str(r.wiro_socket_token) for r in rows}
+            return jobs.running_with_socket(s)
 
     async def _scan(self) -> None:
         running = await asyncio.to_thread(self._running)
@@ -245,48 +237,27 @@ class ProgressHub:
         ]
         if not dirty and not notes:
             return
-        rows = [{"b_id": f.job_id, "b_progress": f.progress, "b_status": f.status} for f in dirty]
+        changes = [jobs.ProgressChange(f.job_id, f.progress, f.status) for f in dirty]
         for f in dirty:
             f.dirty = False
         for f in notes:
             f.noted, f.noted_at = f.progress, now
         events = await asyncio.to_thread(
-            self._write, rows, [(f.job_id, dict(f.progress or {})) for f in notes]
+            self._write, changes, [(f.job_id, dict(f.progress or {})) for f in notes]
         )
         for event_id in events:
             await asyncio.to_thread(self._dispatch, event_id)
 
     def _write(
-        self, rows: list[dict[str, Any]], notes: list[tuple[uuid.UUID, dict[str, Any]]]
+        self, changes: list[jobs.ProgressChange], notes: list[tuple[uuid.UUID, dict[str, Any]]]
     ) -> list[int]:
         """One UPDATE for every job that changed, and the progress notes due, in one
         transaction; only while the job is running (its end always wins)."""
         events: list[int] = []
         with transaction(self.svc.sessions) as s:
-            if rows:
-                s.connection().execute(
-                    update(Job)
-                    .where(Job.id == bindparam("b_id"), Job.status == JobStatus.running.value)
-                    .values(
-                        progress=func.coalesce(
-                            bindparam("b_progress", type_=JSONB(none_as_null=True)), Job.progress
-                        ),
-                        progress_at=func.now(),
-                        wiro_status=func.coalesce(bindparam("b_status"), Job.wiro_status),
-                    ),
-                    rows,
-                )
+            jobs.set_progress(s, changes)
             for job_id, progress in notes:
-                event_id = s.execute(
-                    insert(JobEvent)
-                    .from_select(
-                        ["job_id", "kind", "detail"],
-                        select(
-                            Job.id, literal("progress"), literal(progress, JobEvent.detail.type)
-                        ).where(Job.id == job_id, Job.status == JobStatus.running.value),
-                    )
-                    .returning(JobEvent.id)
-                ).scalar_one_or_none()
+                event_id = jobs.note_progress(s, job_id, progress)
                 if event_id is not None:
                     events.append(event_id)
         return events

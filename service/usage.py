@@ -16,9 +16,10 @@ from decimal import Decimal
 from typing import Any, Literal
 
 import structlog
-from sqlalchemy import Date, and_, cast, func, insert, or_, select, update
+from sqlalchemy import Date, and_, cast, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from service import jobs
 from service.container import Services
 from service.db import transaction
 from service.models import ACTIVE, ApiKey, Job, JobEvent, JobOutput, JobStatus
@@ -330,22 +331,17 @@ def warn_if_near(svc: Services, key_id: uuid.UUID, job_id: uuid.UUID, before: Sp
         ).scalar_one_or_none()
         if claimed is None:
             return False
-        event_id = s.execute(
-            insert(JobEvent)
-            .values(
-                job_id=job_id,
-                kind=WARNING_KIND,
-                detail={
-                    **after.as_json(),
-                    "key_id": str(key_id),
-                    "owner": claimed,
-                    "share": float(after.level_usd / before.budget_usd)
-                    if before.budget_usd
-                    else 1.0,
-                },
-            )
-            .returning(JobEvent.id)
-        ).scalar_one()
+        event_id = jobs.note(
+            s,
+            job_id,
+            WARNING_KIND,
+            {
+                **after.as_json(),
+                "key_id": str(key_id),
+                "owner": claimed,
+                "share": float(after.level_usd / before.budget_usd) if before.budget_usd else 1.0,
+            },
+        )
     log.info("budget_warning", key_id=str(key_id), **after.as_json())
     from service import webhooks  # webhooks renders jobs; imported late to keep this light
 

@@ -13,10 +13,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import or_, select
+from sqlalchemy import or_
 from sqlalchemy.orm import Session
 
-from service.jobs import PRIORITY_NAMES
+from service.jobs import PRIORITY_NAMES, transitions_of
 from service.models import Job, JobEvent, JobStatus
 from service.storage import Storage
 
@@ -167,16 +167,9 @@ def milestones_for(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.
     """The milestones of many jobs in one query (listings load no timelines)."""
     by_job: dict[uuid.UUID, list[tuple[str | None, str | None, datetime]]] = {}
     if job_ids:
-        rows = session.execute(
-            select(JobEvent.job_id, JobEvent.from_status, JobEvent.to_status, JobEvent.at)
-            .where(
-                JobEvent.job_id.in_(job_ids),
-                JobEvent.kind == "transition",
-                MILESTONE_FILTER,
-            )
-            .order_by(JobEvent.id)
-        )
-        for job_id, from_status, to_status, at in rows:
+        for job_id, from_status, to_status, at in transitions_of(
+            session, job_ids, MILESTONE_FILTER
+        ):
             by_job.setdefault(job_id, []).append((from_status, to_status, at))
     return {job_id: milestones(by_job.get(job_id, ())) for job_id in job_ids}
 

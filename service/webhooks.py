@@ -90,11 +90,7 @@ def dispatch(svc: Services, job_event_id: int) -> uuid.UUID | None:
     """Make the webhook message of a job event, once; returns it when made by this call."""
     with transaction(svc.sessions) as s:
         # One light read first: most jobs have no webhook, and then that is all it costs.
-        wanted = s.execute(
-            select(JobEvent.kind, JobEvent.to_status, Job.webhook_url, Job.webhook_events)
-            .join(Job, Job.id == JobEvent.job_id)
-            .where(JobEvent.id == job_event_id)
-        ).one_or_none()
+        wanted = jobs.hook_wish(s, job_event_id)
         if wanted is None:
             return None
         event_type = _event_type(wanted.kind, wanted.to_status)
@@ -102,7 +98,7 @@ def dispatch(svc: Services, job_event_id: int) -> uuid.UUID | None:
             return None
         if not wants(wanted.webhook_events, event_type):
             return None
-        event = s.get(JobEvent, job_event_id)
+        event = jobs.event_of(s, job_event_id)
         job = jobs.get(s, event.job_id, full=True) if event is not None else None
         if event is None or job is None or not job.webhook_url:
             return None

@@ -348,6 +348,23 @@ def wait_status(
     return result
 
 
+def configure(sim: httpx.Client, **knobs: Any) -> None:
+    """Set the simulator's knobs (``/_sim/config``; ``clean`` resets them)."""
+    sim.put("/_sim/config", json=knobs).raise_for_status()
+
+
+def sim_stats(sim: httpx.Client) -> dict[str, Any]:
+    """The simulator's counters (``/_sim/stats``)."""
+    stats: dict[str, Any] = sim.get("/_sim/stats").json()
+    return stats
+
+
+def tasks_for(sim: httpx.Client, job_id: str) -> int:
+    """How many tasks the simulator made for a job (by its callback URL)."""
+    per_job: dict[str, int] = sim_stats(sim)["tasks_by_callback"]
+    return per_job.get(f"/v1/wiro/callbacks/{job_id}", 0)
+
+
 def transitions(job: dict[str, Any]) -> list[str | None]:
     """The statuses a job went through, from its timeline."""
     return [e["to"] for e in job["timeline"] if e["kind"] == "transition"]

@@ -26,7 +26,16 @@ from service.models import JobStatus as S
 from service.settings import Settings
 from service.stack import Stack
 from service.uow import unit_of_work
-from tests.conftest import client_for, sample, upload_files, wait_for, wait_status
+from tests.conftest import (
+    client_for,
+    configure,
+    sample,
+    sim_stats,
+    upload_files,
+    wait_for,
+    wait_status,
+)
+from tests.factories import create_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean")]
 
@@ -44,15 +53,6 @@ def submit_url(api: httpx.Client) -> str:
     r = api.post("/v1/jobs", json={"prompt": "p", "image_urls": ["http://127.0.0.1:9/in.png"]})
     assert r.status_code == 202, r.text
     return str(r.json()["id"])
-
-
-def configure(sim: httpx.Client, **knobs: Any) -> None:
-    sim.put("/_sim/config", json=knobs).raise_for_status()
-
-
-def stats(sim: httpx.Client) -> dict[str, Any]:
-    result: dict[str, Any] = sim.get("/_sim/stats").json()
-    return result
 
 
 def in_flight(engine: Engine, *, key_id: uuid.UUID | None = None) -> int:
@@ -123,7 +123,7 @@ def test_no_more_than_the_limit_at_wiro_and_all_succeed(
         done = wait_all(api, ids, timeout=120)
 
     assert [j["status"] for j in done] == ["succeeded"] * 50
-    s = stats(sim)
+    s = sim_stats(sim)
     print(f"\npeak at Wiro {s['peak_concurrency']}, peak in flight {peak.value}, limit {LIMIT}")
     assert s["peak_concurrency"] <= LIMIT
     assert peak.value <= LIMIT
@@ -177,7 +177,7 @@ def test_a_hidden_lower_limit_at_wiro_is_converged_on_without_failures(
     done = wait_all(api, ids, timeout=60)
 
     assert [j["status"] for j in done] == ["succeeded"] * 12
-    s = stats(sim)
+    s = sim_stats(sim)
     refused = s["run_calls"] - s["tasks_created"]
     print(f"\nhidden limit 2, ours {LIMIT}: {refused} Runs refused for 12 jobs")
     assert s["tasks_created"] == 12
@@ -211,17 +211,7 @@ def test_slots_held_by_a_lost_worker_come_back_through_the_sweep(
     lost = [uuid.uuid4() for _ in range(LIMIT)]
     with transaction(sessions) as s:
         for job_id in lost:
-            jobs.create(
-                s,
-                job_id=job_id,
-                owner="app-a",
-                prompt="p",
-                steps=25,
-                scale=3.5,
-                webhook_url=None,
-                metadata={},
-                inputs=inputs,
-            )
+            create_job(s, job_id=job_id, owner="app-a", inputs=inputs)
             jobs.transition(s, job_id, S.submitting, from_=[S.queued])
         s.execute(
             text(
@@ -387,10 +377,7 @@ def admitted_job(svc: Services, limit: int) -> uuid.UUID:
     no admission pass of the running stack picks it up)."""
     job_id = uuid.uuid4()
     with transaction(svc.sessions) as s:
-        jobs.create(
-            s, job_id=job_id, owner="aimd", prompt="p", steps=1, scale=1.0,
-            webhook_url=None, metadata={}, inputs=[jobs.NewInput(kind="url", url="http://127.0.0.2/1")],
-        )  # fmt: skip
+        create_job(s, job_id=job_id, owner="aimd", steps=1, scale=1.0, url="http://127.0.0.2/1")
         s.execute(
             text("UPDATE jobs SET status = 'canceled', finished_at = now() WHERE id = :j"),
             {"j": job_id},

@@ -10,7 +10,15 @@ import httpx
 import pytest
 
 from service.stack import Stack
-from tests.conftest import broker_of, sample, transitions, upload_files, wait_for, wait_status
+from tests.conftest import (
+    broker_of,
+    sample,
+    sim_stats,
+    transitions,
+    upload_files,
+    wait_for,
+    wait_status,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean")]
 
@@ -25,11 +33,6 @@ def submit_samples(api: httpx.Client, **fields: str) -> dict[str, Any]:
     job: dict[str, Any] = r.json()
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
     return job
-
-
-def sim_stats(sim: httpx.Client) -> dict[str, Any]:
-    stats: dict[str, Any] = sim.get("/_sim/stats").json()
-    return stats
 
 
 def finalizing_source(job: dict[str, Any]) -> str:

@@ -16,7 +16,16 @@ import httpx
 import pytest
 
 from service.stack import SIM_KEY, Stack
-from tests.conftest import sample, transitions, upload_files, wait_for, wait_status
+from tests.conftest import (
+    configure,
+    sample,
+    sim_stats,
+    tasks_for,
+    transitions,
+    upload_files,
+    wait_for,
+    wait_status,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean")]
 
@@ -49,20 +58,6 @@ def submit(api: httpx.Client, **headers: str) -> str:
     )
     assert r.status_code == 202, r.text
     return str(r.json()["id"])
-
-
-def configure(sim: httpx.Client, **knobs: Any) -> None:
-    sim.put("/_sim/config", json=knobs).raise_for_status()
-
-
-def sim_stats(sim: httpx.Client) -> dict[str, Any]:
-    stats: dict[str, Any] = sim.get("/_sim/stats").json()
-    return stats
-
-
-def tasks_for(sim: httpx.Client, job_id: str) -> int:
-    per_job: dict[str, int] = sim_stats(sim)["tasks_by_callback"]
-    return per_job.get(f"/v1/wiro/callbacks/{job_id}", 0)
 
 
 def sim_task(sim: httpx.Client, job_id: str) -> dict[str, Any]:

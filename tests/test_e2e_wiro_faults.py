@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import sample, transitions, upload_files, wait_status
+from tests.conftest import configure, sample, tasks_for, transitions, upload_files, wait_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean")]
 
@@ -20,15 +20,6 @@ def submit(api: httpx.Client) -> str:
     )
     assert r.status_code == 202, r.text
     return str(r.json()["id"])
-
-
-def tasks_for(sim: httpx.Client, job_id: str) -> int:
-    per_job: dict[str, int] = sim.get("/_sim/stats").json()["tasks_by_callback"]
-    return per_job.get(f"/v1/wiro/callbacks/{job_id}", 0)
-
-
-def configure(sim: httpx.Client, **knobs: Any) -> None:
-    sim.put("/_sim/config", json=knobs).raise_for_status()
 
 
 @pytest.mark.parametrize(

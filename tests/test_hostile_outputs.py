@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from service.stack import Stack
-from tests.conftest import sample, upload_files, wait_status
+from tests.conftest import configure, sample, upload_files, wait_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("clean")]
 
@@ -24,10 +24,6 @@ def submit(api: httpx.Client) -> str:
     r = api.post("/v1/jobs", files=upload_files(sample(1)), data={"prompt": "swap the suit"})
     assert r.status_code == 202, r.text
     return str(r.json()["id"])
-
-
-def configure(sim: httpx.Client, **knobs: Any) -> None:
-    sim.put("/_sim/config", json=knobs).raise_for_status()
 
 
 def failed_copy(api: httpx.Client, job_id: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from service import progress
+from service.jobs import ProgressChange
 from service.progress import Followed, ProgressHub, parse_progress
 
 
@@ -57,7 +58,7 @@ class RecordingQueue:
         self.reconciles.append((job_id, source))
 
 
-Write = tuple[list[dict[str, Any]], list[tuple[uuid.UUID, dict[str, Any]]]]
+Write = tuple[list[ProgressChange], list[tuple[uuid.UUID, dict[str, Any]]]]
 
 
 @dataclass
@@ -67,9 +68,9 @@ class RecordingHub(ProgressHub):
     writes: list[Write] = field(default_factory=list)
 
     def _write(
-        self, rows: list[dict[str, Any]], notes: list[tuple[uuid.UUID, dict[str, Any]]]
+        self, changes: list[ProgressChange], notes: list[tuple[uuid.UUID, dict[str, Any]]]
     ) -> list[int]:
-        self.writes.append((rows, notes))
+        self.writes.append((changes, notes))
         return []
 
 
@@ -104,7 +105,7 @@ def test_frames_are_written_at_most_once_a_flush_and_noted_at_most_every_two_sec
         await step(2.1, progress_frame(6))
 
     asyncio.run(main())
-    rows = [[r["b_progress"]["step"] for r in w[0]] for w in hub.writes]
+    rows = [[(r.progress or {})["step"] for r in w[0]] for w in hub.writes]
     notes = [[n[1]["step"] for n in w[1]] for w in hub.writes]
     # Three frames in one flush are one row with the newest; a flush with nothing new
     # writes nothing; a note at most every NOTE_EVERY_S (2 s).

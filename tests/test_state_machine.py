@@ -4,41 +4,20 @@ from __future__ import annotations
 
 import threading
 import uuid
-from datetime import timedelta
 
 import pytest
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, func, select
 
 from service import jobs
 from service.db import make_sessionmaker, transaction
-from service.models import Job, JobEvent
+from service.models import JobEvent
 from service.models import JobStatus as S
+from tests.factories import new_job
 
 
 @pytest.fixture
 def sessions(engine: Engine, clean: None) -> object:
     return make_sessionmaker(engine)
-
-
-def new_job(sessions: object) -> uuid.UUID:
-    job_id = uuid.uuid4()
-    with transaction(sessions) as s:  # type: ignore[arg-type]
-        jobs.create(
-            s,
-            job_id=job_id,
-            owner="test",
-            prompt="p",
-            steps=25,
-            scale=3.5,
-            webhook_url=None,
-            metadata={},
-            inputs=[jobs.NewInput(kind="url", url="http://x/a.png")],
-        )
-        # Out of the running stack's admission passes: only this test moves the job.
-        s.execute(
-            update(Job).where(Job.id == job_id).values(enqueued_at=func.now() + timedelta(days=1))
-        )
-    return job_id
 
 
 def events(sessions: object, job_id: uuid.UUID) -> list[tuple[str | None, str | None]]:

@@ -8,18 +8,17 @@ sweep.py), fired against a real PostgreSQL in any order and any number of times.
 from __future__ import annotations
 
 import itertools
-import uuid
-from datetime import timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, select
 
 from service import jobs
 from service.db import make_sessionmaker, transaction
-from service.models import Job, JobEvent
+from service.models import JobEvent
 from service.models import JobStatus as S
+from tests.factories import new_job
 
 # (actor, target, sources): every guarded move the code makes, by who makes it.
 MOVES: list[tuple[str, S, tuple[S, ...]]] = [
@@ -61,23 +60,7 @@ def sessions(engine: Engine) -> object:
 def test_any_order_of_events_leaves_a_valid_terminal_job(
     sessions: object, order: list[int]
 ) -> None:
-    job_id = uuid.uuid4()
-    with transaction(sessions) as s:  # type: ignore[arg-type]
-        jobs.create(
-            s,
-            job_id=job_id,
-            owner="prop",
-            prompt="p",
-            steps=1,
-            scale=1.0,
-            webhook_url=None,
-            metadata={},
-            inputs=[jobs.NewInput(kind="url", url="http://x/a.png")],
-        )
-        # Out of the running stack's admission passes: only this test moves the job.
-        s.execute(
-            update(Job).where(Job.id == job_id).values(enqueued_at=func.now() + timedelta(days=1))
-        )
+    job_id = new_job(sessions, owner="prop", steps=1, scale=1.0)
     status = S.queued
     for index in order:
         _, target, sources = MOVES[index]

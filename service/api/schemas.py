@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
 from service import text
+from service.intake import ImageUrls
 from service.views import JOB_EXAMPLE
 
 # The job as shown lives in service.views (workers render it for webhooks too).
@@ -89,8 +90,7 @@ class EditParams(BaseModel):
 class JobCreate(EditParams):
     """A job given as JSON: images by URL only (upload files with multipart instead)."""
 
-    image_urls: list[AnyHttpUrl] = Field(
-        min_length=1,
+    image_urls: ImageUrls = Field(
         description="Image URLs in order; the first is the image edited, the rest references.",
         examples=[["https://example.com/person.jpg", "https://example.com/jacket.jpg"]],
     )

@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from service import ops, pipeline, sweep, webhooks
+from service import jobs, ops, pipeline, sweep, webhooks
 from service.api.deps import AdminDep, ServicesDep
 from service.api.errors import ProblemError, responses
 from service.container import Services
@@ -534,7 +534,7 @@ async def thumbnail(
 ) -> Response:
     def load() -> bytes:
         with transaction(svc.sessions) as s:
-            key = ops.thumbnail_key(s, job_id, kind, position)
+            key = jobs.thumb_key_of(s, job_id, kind, position)
         if key is None:
             raise ProblemError(404, "thumbnail_not_found", f"no thumbnail {kind}/{position}")
         return svc.storage.read(key)

@@ -12,9 +12,9 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from service import jobs
 from service.api.deps import PrincipalDep, ServicesDep
 from service.api.errors import ProblemError, responses, too_many_waiters
 from service.api.schemas import EventOut
@@ -22,7 +22,7 @@ from service.auth import Principal
 from service.container import Services
 from service.db import transaction
 from service.live import JobEvents, Subscription, TooManyWaiters
-from service.models import TERMINAL, Job, JobEvent, JobStatus
+from service.models import TERMINAL, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -57,12 +57,10 @@ def _read(svc: Services, job_id: uuid.UUID, who: Principal | None, after: int) -
     """The job's events after ``after``; ``finished`` once the terminal one is among them
     or already sent. Checks the caller may see the job when ``who`` is given."""
     with transaction(svc.sessions) as s:
-        job = s.execute(select(Job.owner, Job.status).where(Job.id == job_id)).one_or_none()
+        job = jobs.owner_and_status(s, job_id)
         if job is None or (who is not None and job.owner != who.owner and not who.is_admin):
             raise ProblemError(404, "job_not_found", f"no job {job_id}")
-        rows = s.execute(
-            select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
-        ).scalars()
+        rows = jobs.timeline(s, job_id)
         status: str | None = None
         events: list[ServerSentEvent] = []
         last_id = after
@@ -81,7 +79,7 @@ def _read(svc: Services, job_id: uuid.UUID, who: Principal | None, after: int) -
                 return Replay(events, last_id, finished=True)
         # Status and events are read in one transaction, and a terminal status is written
         # with its event: a finished job with nothing after ``after`` was fully sent.
-        return Replay(events, last_id, finished=JobStatus(job.status) in TERMINAL)
+        return Replay(events, last_id, finished=job.status in TERMINAL)
 
 
 def _cursor(last_event_id: str | None, after: int | None) -> int:

@@ -6,8 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
+from service import db
 from service.api.deps import ServicesDep
 
 router = APIRouter(tags=["health"])
@@ -35,11 +35,7 @@ def readyz(svc: ServicesDep) -> JSONResponse:
         except Exception as exc:  # a probe reports any failure, whatever its type
             checks[name] = f"error: {type(exc).__name__}"
 
-    def db() -> None:
-        with svc.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-
-    probe("postgres", db)
+    probe("postgres", lambda: db.ping(svc.engine))
     probe("redis", svc.queue.ping)
     probe("s3", svc.storage.ping)
     ok = all(v == "ok" for v in checks.values())

@@ -262,9 +262,7 @@ async def _parse_multipart(request: Request, svc: Services) -> intake.Submission
             ) from exc
     try:
         params = EditParams.model_validate(fields)
-        urls = [u for u in images if isinstance(u, str)]
-        if urls:
-            JobCreate.model_validate({"image_urls": urls, "prompt": "x"})
+        intake.check_url_syntax([u for u in images if isinstance(u, str)])
     except ValidationError as exc:
         raise _invalid(exc) from exc
     return _submission(params, images)
