@@ -18,7 +18,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from service import images, jobs, ssrf, storage, thumbnails
+from service import images, jobs, ssrf, storage
 from service.container import Services
 from service.db import transaction
 from service.models import IdempotencyKey, Job
@@ -256,9 +256,6 @@ def accept(svc: Services, sub: Submission, caller: Caller) -> Accepted:
                     content_type=ctype,
                     size=stored.size,
                     sha256=stored.sha256,
-                    thumb_key=_thumbnail(
-                        svc, image.file, storage.thumbnail_key(job_id, "inputs", n)
-                    ),
                 )
             )
         fields = _new_job(job_id, sub, caller, inputs)
@@ -338,16 +335,6 @@ async def accept_urls(
     async with pool.connection() as conn:
         job, _ = await jobs.create_async(conn, **_new_job(job_id, sub, caller, urls))
     return Accepted(job_id=job_id, replayed=False, job=_render(svc, job))
-
-
-def _thumbnail(svc: Services, file: IO[bytes], key: str) -> str | None:
-    """Store a thumbnail of the upload (still spooled here) and return its key; None if no
-    thumbnail could be made. Only our own storage failing is an error: it failed anyway."""
-    data = thumbnails.make(file)
-    if data is None:
-        return None
-    svc.storage.put_stream(key, iter([data]), content_type="image/jpeg")
-    return key
 
 
 def _render(svc: Services, job: Job) -> JobOut:

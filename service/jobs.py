@@ -87,7 +87,6 @@ class NewInput:
     content_type: str | None = None
     size: int | None = None
     sha256: str | None = None
-    thumb_key: str | None = None
 
 
 # A job's priority as the API names it, and as stored (higher goes first within an owner).
@@ -134,12 +133,11 @@ _CREATE = text(
         RETURNING *
     ), inputs AS (
         INSERT INTO job_inputs (job_id, position, kind, url, s3_key, filename, content_type,
-            size, sha256, thumb_key)
+            size, sha256)
         SELECT :id, r.position, r.kind, r.url, r.s3_key, r.filename, r.content_type, r.size,
-            r.sha256, r.thumb_key
+            r.sha256
         FROM jsonb_to_recordset(CAST(:inputs AS jsonb)) AS r(position int, kind text,
-            url text, s3_key text, filename text, content_type text, size bigint, sha256 text,
-            thumb_key text)
+            url text, s3_key text, filename text, content_type text, size bigint, sha256 text)
     ), event AS (
         INSERT INTO job_events (job_id, from_status, to_status, kind, detail)
         SELECT id, NULL, 'queued', 'transition', CAST(:detail AS jsonb) FROM job
@@ -209,7 +207,6 @@ def _create_params(new: NewJob) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             "content_type": i.content_type,
             "size": i.size,
             "sha256": i.sha256,
-            "thumb_key": i.thumb_key,
         }
         for n, i in enumerate(new["inputs"])
     ]
@@ -450,15 +447,35 @@ def output_key_of(session: Session, job_id: uuid.UUID, position: int) -> str | N
     return key
 
 
-def thumb_key_of(
+def image_keys_of(
     session: Session, job_id: uuid.UUID, kind: Literal["inputs", "outputs"], position: int
-) -> str | None:
-    """Where the thumbnail of input or output ``position`` is stored (None: not made)."""
+) -> tuple[str | None, str | None] | None:
+    """Where input or output ``position`` and its thumbnail are stored, ``(s3_key,
+    thumb_key)``, either None when absent (a URL input, a thumbnail not made yet); None
+    when there is no such input or output."""
     table = JobInput if kind == "inputs" else JobOutput
-    key: str | None = session.execute(
-        select(table.thumb_key).where(table.job_id == job_id, table.position == position)
-    ).scalar_one_or_none()
-    return key
+    row = session.execute(
+        select(table.s3_key, table.thumb_key).where(
+            table.job_id == job_id, table.position == position
+        )
+    ).one_or_none()
+    return None if row is None else (row.s3_key, row.thumb_key)
+
+
+def set_thumb_key(
+    session: Session,
+    job_id: uuid.UUID,
+    kind: Literal["inputs", "outputs"],
+    position: int,
+    key: str,
+) -> None:
+    """Record the thumbnail just made of input or output ``position`` (the first wins)."""
+    table = JobInput if kind == "inputs" else JobOutput
+    session.execute(
+        update(table)
+        .where(table.job_id == job_id, table.position == position, table.thumb_key.is_(None))
+        .values(thumb_key=key)
+    )
 
 
 def add_output(session: Session, job_id: uuid.UUID, position: int, **values: Any) -> None:

@@ -448,18 +448,18 @@ def list_messages(
 
 
 def thumbnails(session: Session, job_id: uuid.UUID) -> list[dict[str, Any]] | None:
-    """The job's thumbnails (inputs, then outputs, in order); None if there is no job."""
+    """The job's images that have a thumbnail, made or to be made on first view (stored
+    inputs, then outputs, in order); None if there is no job."""
     job = jobs.get(session, job_id, load=("inputs", "outputs"))
     if job is None:
         return None
     found: list[dict[str, Any]] = [
         {"kind": "inputs", "position": i.position, "filename": i.filename}
         for i in sorted(job.inputs, key=lambda i: i.position)
-        if i.thumb_key
+        if i.s3_key
     ]
     found += [
         {"kind": "outputs", "position": o.position, "filename": o.filename}
         for o in sorted(job.outputs, key=lambda o: o.position)
-        if o.thumb_key
     ]
     return found

@@ -14,10 +14,9 @@ from __future__ import annotations
 import random
 import tempfile
 import uuid
-from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -34,7 +33,6 @@ from service import (
     metrics,
     privacy,
     storage,
-    thumbnails,
     tracing,
 )
 from service.container import Services
@@ -563,12 +561,8 @@ def finalize(
             succeeded = succeed(s)
     for n, out in pending:
         key = storage.output_key(job_id, n, str(out.get("name") or f"{n}.png"))
-        spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)  # noqa: SIM115 - closed below
         try:
-            stored, ctype = copy_url(
-                svc, str(out["url"]), key, str(out.get("content_type") or ""), tee=spool
-            )
-            thumb = _output_thumbnail(svc, spool, storage.thumbnail_key(job_id, "outputs", n))
+            stored, ctype = copy_url(svc, str(out["url"]), key, str(out.get("content_type") or ""))
         except (BotoCoreError, ClientError) as exc:
             # Our own storage failing is no reason to give up on the job: retry, uncounted.
             message = f"output {n}: storage: {type(exc).__name__}: {exc}"
@@ -586,8 +580,6 @@ def finalize(
                 final=isinstance(exc, FetchRefused),
             )
             return
-        finally:
-            spool.close()
         with unit_of_work(svc) as s:
             jobs.add_output(
                 s,
@@ -599,7 +591,6 @@ def finalize(
                 size=stored.size,
                 sha256=stored.sha256,
                 source_url=str(out["url"]),
-                thumb_key=thumb,
             )
             if n == pending[-1][0]:
                 succeeded = succeed(s)
@@ -607,36 +598,15 @@ def finalize(
         privacy.delete_at_wiro(svc, job_id)
 
 
-def copy_url(
-    svc: Services, url: str, key: str, content_type: str, *, tee: IO[bytes] | None = None
-) -> tuple[StoredObject, str]:
-    """Stream one output from Wiro's URL into S3 in bounded memory, through the guard (also
-    into ``tee``, a spooled file the thumbnail is made from, when given).
+def copy_url(svc: Services, url: str, key: str, content_type: str) -> tuple[StoredObject, str]:
+    """Stream one output from Wiro's URL into S3 in bounded memory, through the guard.
 
     Stored under the type its bytes were sniffed to be, which must be the type Wiro
     declared; FetchRefused / FetchFailed otherwise (``service/fetch.py``).
     """
     with fetch.open_url(url, svc.output_policy, expect=content_type) as got:
-        chunks = got.iter_bytes()
-        if tee is not None:
-            chunks = _teed(chunks, tee)
-        stored = svc.storage.put_stream(key, chunks, content_type=got.content_type)
+        stored = svc.storage.put_stream(key, got.iter_bytes(), content_type=got.content_type)
     return stored, got.content_type
-
-
-def _teed(chunks: Iterator[bytes], copy: IO[bytes]) -> Iterator[bytes]:
-    for chunk in chunks:
-        copy.write(chunk)
-        yield chunk
-
-
-def _output_thumbnail(svc: Services, spool: IO[bytes], key: str) -> str | None:
-    """Store a thumbnail of the output just copied (from its spooled copy); its key."""
-    data = thumbnails.make(spool)
-    if data is None:
-        return None
-    svc.storage.put_stream(key, iter([data]), content_type="image/jpeg")
-    return key
 
 
 def _finalize_failed(

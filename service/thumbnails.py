@@ -1,18 +1,25 @@
 """Small JPEG previews of inputs and outputs, for the /ops console.
 
-Made once, when the image passes through us anyway (intake for uploads, finalize for
-outputs), and kept in S3 beside the originals: a page load fetches a few KiB per image
-through the admin API, never the full-size object. A thumbnail is a convenience: any
-failure to make one leaves ``thumb_key`` empty and changes nothing else.
+Made the first time someone looks (from the original in S3), then kept in S3 beside it:
+a page load fetches a few KiB per image through the admin API, never the full-size
+object. Not at intake or finalize: most jobs are never opened in the console, and making
+two previews per job there was ~20 % of the gateway's CPU for an upload and ~10 % of the
+workers' (docs/PERFORMANCE.md, round 7). A thumbnail is a convenience: failing to make
+one leaves ``thumb_key`` empty and changes nothing else.
 """
 
 from __future__ import annotations
 
 import io
-from typing import IO
+import uuid
+from typing import IO, Literal
 
 import structlog
 from PIL import Image
+
+from service import jobs, storage
+from service.container import Services
+from service.db import transaction
 
 log = structlog.get_logger()
 
@@ -36,3 +43,29 @@ def make(file: IO[bytes]) -> bytes | None:
         return None
     finally:
         file.seek(0)
+
+
+def get(
+    svc: Services, job_id: uuid.UUID, kind: Literal["inputs", "outputs"], position: int
+) -> bytes | None:
+    """The thumbnail of input or output ``position``, made and stored on the first call;
+    None when there is no such stored image or it cannot be read as one."""
+    with transaction(svc.sessions) as s:
+        keys = jobs.image_keys_of(s, job_id, kind, position)
+    if keys is None:
+        return None
+    original, thumb = keys
+    if thumb is not None:
+        return svc.storage.read(thumb)
+    if original is None:
+        return None  # an image URL: Wiro fetched it, we never held its bytes
+    with svc.storage.download_spooled(original) as spool:
+        data = make(spool)
+    if data is None:
+        return None
+    # Two first looks at once both make it: the same bytes under the same key.
+    key = storage.thumbnail_key(job_id, kind, position)
+    svc.storage.put_stream(key, iter([data]), content_type="image/jpeg")
+    with transaction(svc.sessions) as s:
+        jobs.set_thumb_key(s, job_id, kind, position, key)
+    return data

@@ -4,6 +4,7 @@ every owner's jobs, retry, sweep now, webhook deliveries and their replay."""
 from __future__ import annotations
 
 import collections
+import io
 import itertools
 import statistics
 import uuid
@@ -13,6 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
+from sqlalchemy import Engine
+from sqlalchemy import text as sql
 
 from service.stack import Stack
 from tests.conftest import sample, transitions, upload_files, wait_for, wait_status
@@ -55,9 +59,7 @@ def stretch(job: dict[str, Any], left: str, entered: set[str]) -> float | None:
 
 def ended_from_running(job: dict[str, Any]) -> dict[str, Any]:
     """The transition that took ``job`` out of running (its detail names who saw the end)."""
-    (event,) = [
-        e for e in job["timeline"] if e["kind"] == "transition" and e["from"] == "running"
-    ]
+    (event,) = [e for e in job["timeline"] if e["kind"] == "transition" and e["from"] == "running"]
     return event
 
 
@@ -335,6 +337,60 @@ def test_failed_delivery_is_listed_and_replayed_with_the_same_webhook_id(
 
     missing = admin_api.post(f"/v1/admin/deliveries/{uuid.uuid4()}/replay")
     assert missing.status_code == 404 and missing.json()["code"] == "delivery_not_found"
+
+
+def test_thumbnails_are_made_on_first_view_and_kept(
+    api: httpx.Client, admin_api: httpx.Client, engine: Engine
+) -> None:
+    job = wait_status(api, submit(api)["id"])
+    assert job["status"] == "succeeded"
+
+    def made() -> list[str | None]:
+        with engine.connect() as c:
+            return [
+                r.thumb_key
+                for r in c.execute(
+                    sql(
+                        "SELECT thumb_key FROM job_inputs WHERE job_id = :id UNION ALL "
+                        "SELECT thumb_key FROM job_outputs WHERE job_id = :id"
+                    ),
+                    {"id": job["id"]},
+                )
+            ]
+
+    assert made() == [None, None, None]  # nothing made while the job ran
+    listed = admin_api.get(f"/v1/admin/jobs/{job['id']}/thumbnails")
+    assert listed.status_code == 200, listed.text
+    hrefs = [(t["kind"], t["position"], t["href"]) for t in listed.json()]
+    assert [(k, p) for k, p, _ in hrefs] == [("inputs", 0), ("inputs", 1), ("outputs", 0)]
+
+    first = [admin_api.get(href) for _, _, href in hrefs]
+    for r in first:
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "image/jpeg"
+        with Image.open(io.BytesIO(r.content)) as img:
+            assert img.format == "JPEG"
+            assert 0 < max(img.size) <= 256
+    assert all(made())
+    again = [admin_api.get(href) for _, _, href in hrefs]
+    assert [r.content for r in again] == [r.content for r in first]
+
+    missing = admin_api.get(f"/v1/admin/jobs/{job['id']}/thumbnails/outputs/1")
+    assert missing.status_code == 404
+    assert missing.json()["code"] == "thumbnail_not_found"
+
+
+def test_image_urls_have_no_thumbnail(
+    api: httpx.Client, admin_api: httpx.Client, sample_urls: list[str]
+) -> None:
+    r = api.post("/v1/jobs", json={"image_urls": sample_urls[:1], "prompt": PROMPT})
+    assert r.status_code == 202, r.text
+    job = wait_status(api, r.json()["id"])
+    assert job["status"] == "succeeded"
+    listed = admin_api.get(f"/v1/admin/jobs/{job['id']}/thumbnails").json()
+    assert [(t["kind"], t["position"]) for t in listed] == [("outputs", 0)]
+    url_input = admin_api.get(f"/v1/admin/jobs/{job['id']}/thumbnails/inputs/0")
+    assert url_input.status_code == 404
 
 
 def test_percentages_of_completion_sources_always_add_up_to_100() -> None:

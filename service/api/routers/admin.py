@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from service import jobs, ops, pipeline, sweep, webhooks
+from service import ops, pipeline, sweep, thumbnails, webhooks
 from service.api.deps import AdminDep, ServicesDep
 from service.api.errors import ProblemError, responses
 from service.container import Services
@@ -490,7 +490,8 @@ async def queues(_: AdminDep, svc: ServicesDep) -> QueuesOut:
     "/jobs/{job_id}/thumbnails",
     response_model=list[ThumbnailOut],
     summary="A job's thumbnails",
-    description="The small previews made at intake (uploaded inputs) and finalize (outputs).",
+    description="The small previews of the uploaded inputs and the outputs (each made the "
+    "first time it is fetched).",
     responses=responses(404),
 )
 async def thumbnails_of(job_id: uuid.UUID, _: AdminDep, svc: ServicesDep) -> list[ThumbnailOut]:
@@ -532,14 +533,9 @@ async def thumbnail(
     _: AdminDep,
     svc: ServicesDep,
 ) -> Response:
-    def load() -> bytes:
-        with transaction(svc.sessions) as s:
-            key = jobs.thumb_key_of(s, job_id, kind, position)
-        if key is None:
-            raise ProblemError(404, "thumbnail_not_found", f"no thumbnail {kind}/{position}")
-        return svc.storage.read(key)
-
-    data = await run_in_threadpool(load)
+    data = await run_in_threadpool(thumbnails.get, svc, job_id, kind, position)
+    if data is None:
+        raise ProblemError(404, "thumbnail_not_found", f"no thumbnail {kind}/{position}")
     # Made once and never changed: the browser may keep it (private: it is an admin's).
     return Response(
         data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"}
