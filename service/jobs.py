@@ -20,7 +20,9 @@ import psycopg
 import structlog
 from psycopg.rows import dict_row
 from sqlalchemy import (
+    ClauseElement,
     ColumnElement,
+    Float,
     String,
     bindparam,
     cast,
@@ -28,6 +30,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     select,
     text,
     update,
@@ -252,6 +255,19 @@ def _created(
     return job, event
 
 
+@dataclass(frozen=True)
+class FromNow:
+    """A time ``seconds`` after the statement's ``now()``, as a value of a transition: bound
+    as a parameter, so the statement is built once per shape (``func.now() +
+    timedelta(…)`` would embed its value and make every call a new statement)."""
+
+    seconds: float
+
+    def sql(self) -> ColumnElement[Any]:
+        """The same as an expression, for statements that are not cached."""
+        return func.now() + timedelta(seconds=self.seconds)
+
+
 def transition(
     session: Session,
     job_id: uuid.UUID,
@@ -270,14 +286,93 @@ def transition(
         raise IllegalTransition(f"{sorted(sources - allowed)} -> {to}")
     if to in TERMINAL:
         values.setdefault("finished_at", func.now())
-    old = select(Job.id, Job.status).where(Job.id == job_id).with_for_update().cte("old")
-    conditions = [Job.id == old.c.id, old.c.status.in_([str(s) for s in sources])]
+    params: dict[str, Any] = {"job_id": job_id, "detail": json.dumps(detail or {})}
+    shape: list[Any] = [to, sources, _static_key(guard)]
+    for name, value in sorted(values.items()):
+        if isinstance(value, FromNow):
+            params[f"v_{name}"] = value.seconds
+            shape.append((name, FromNow))
+        elif isinstance(value, ClauseElement):
+            shape.append((name, _static_key(value)))
+        else:
+            params[f"v_{name}"] = value
+            shape.append((name, None))
+    key = tuple(shape)
+    cacheable = shape[2] is not _UNCACHEABLE and all(k is not _UNCACHEABLE for _, k in shape[3:])
+    statement = _TRANSITIONS.get(key) if cacheable else None
+    if statement is None:
+        statement = _transition_statement(to, sources, guard, values)
+        if cacheable:
+            if len(_TRANSITIONS) > 512:
+                _TRANSITIONS.clear()  # a leak guard: the shapes in use are a few dozen
+            _TRANSITIONS[key] = statement
+    row = session.execute(statement, params).one_or_none()
+    if row is None:
+        return None
+    metrics.TRANSITIONS.labels(row.from_status, str(to)).inc()
+    done = Moved(
+        from_status=JobStatus(row.from_status),
+        to_status=to,
+        event_id=row.id,
+        job_id=job_id,
+        hooked=bool(row.hooked),
+    )
+    uow.record(session, done)
+    return done
+
+
+# Built transition statements by shape (target, sources, guard, columns and the kinds of
+# their values). SQLAlchemy caches the compiled SQL, but building the three-CTE statement
+# and walking it for its cache key on every call was a quarter of a worker's CPU in the
+# pipeline benchmark (docs/PERFORMANCE.md, round 7); a reused statement object keeps its
+# cache key. Only shapes without embedded values are kept (see ``_static_key``).
+_TRANSITIONS: dict[tuple[Any, ...], Any] = {}
+_UNCACHEABLE = object()
+
+
+def _static_key(expr: ClauseElement | None) -> Any:
+    """A hashable key of an expression that embeds no value (``Job.x.is_(None)``,
+    ``func.now()``), or ``_UNCACHEABLE`` when it carries bound values of its own."""
+    if expr is None:
+        return None
+    cache_key = expr._generate_cache_key()
+    if cache_key is None or cache_key.bindparams:
+        return _UNCACHEABLE
+    return cache_key.key
+
+
+def _transition_statement(
+    to: JobStatus,
+    sources: frozenset[JobStatus],
+    guard: ColumnElement[bool] | None,
+    values: Mapping[str, Any],
+) -> Any:
+    """The guarded UPDATE and its event INSERT as one statement; plain values (and
+    ``FromNow`` seconds) are bound parameters named ``v_<column>``."""
+    columns = Job.__table__.c
+    bound: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, FromNow):
+            bound[name] = func.now() + literal_column("interval '1 second'") * bindparam(
+                f"v_{name}", type_=Float
+            )
+        elif isinstance(value, ClauseElement):
+            bound[name] = value
+        else:
+            bound[name] = bindparam(f"v_{name}", type_=columns[name].type)
+    old = (
+        select(Job.id, Job.status)
+        .where(Job.id == bindparam("job_id", type_=columns["id"].type))
+        .with_for_update()
+        .cte("old")
+    )
+    conditions = [Job.id == old.c.id, old.c.status.in_([str(s) for s in sorted(sources)])]
     if guard is not None:
         conditions.append(guard)
     moved = (
         update(Job)
         .where(*conditions)
-        .values(status=str(to), updated_at=func.now(), **values)
+        .values(status=str(to), updated_at=func.now(), **bound)
         .returning(
             Job.id,
             old.c.status.label("from_status"),
@@ -294,29 +389,15 @@ def transition(
                 moved.c.from_status,
                 literal(str(to), String),
                 literal("transition", String),
-                cast(literal(json.dumps(detail or {}), String), JSONB),
+                cast(bindparam("detail", type_=String), JSONB),
             ),
         )
         .returning(JobEvent.id, JobEvent.job_id, JobEvent.from_status)
         .cte("event")
     )
-    row = session.execute(
-        select(event.c.id, event.c.from_status, moved.c.hooked).join_from(
-            event, moved, event.c.job_id == moved.c.id
-        )
-    ).one_or_none()
-    if row is None:
-        return None
-    metrics.TRANSITIONS.labels(row.from_status, str(to)).inc()
-    done = Moved(
-        from_status=JobStatus(row.from_status),
-        to_status=to,
-        event_id=row.id,
-        job_id=job_id,
-        hooked=bool(row.hooked),
+    return select(event.c.id, event.c.from_status, moved.c.hooked).join_from(
+        event, moved, event.c.job_id == moved.c.id
     )
-    uow.record(session, done)
-    return done
 
 
 # A callback named a task for a job whose Run is uncertain: kept so that the sweep can

@@ -57,9 +57,9 @@ from service.wiro import (
 log = structlog.get_logger(__name__)
 
 
-def _first_poll(svc: Services) -> Any:
+def _first_poll(svc: Services) -> jobs.FromNow:
     """When the sweep should first ask Wiro about a job that just had news."""
-    return func.now() + timedelta(seconds=svc.settings.callback_grace_s)
+    return jobs.FromNow(svc.settings.callback_grace_s)
 
 
 def backoff_s(attempt: int, *, base: float = 2.0, cap: float = 300.0) -> float:
@@ -288,7 +288,7 @@ def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> N
                 detail={**exc.as_detail(), "delay": delay},
                 run_sent_at=None,
                 callback_token_hash=None,
-                enqueued_at=func.now() + timedelta(seconds=delay),
+                enqueued_at=jobs.FromNow(delay),
             )
 
 
@@ -454,7 +454,7 @@ def apply_task(svc: Services, job_id: uuid.UUID, task: WiroTask, *, source: str)
             _note_unknown_status(s, task.status)
         if outcome is Outcome.running:
             # News puts the next poll at least a grace period away (keeping any backoff).
-            later = func.greatest(Job.next_poll_at, _first_poll(svc))
+            later = func.greatest(Job.next_poll_at, _first_poll(svc).sql())
             jobs.update_fields(s, job_id, when=[S.running], next_poll_at=later, **common)
             return
         # The task ended at Wiro: nothing is left to stop there.
