@@ -99,8 +99,8 @@ class Spent(Exception):
 def check(svc: Services, job_id: uuid.UUID, token: str) -> bool:
     """Refuse an unknown job or a wrong token (``Refused``) and a finished job (``Spent``);
     True when the job waits for its Run's answer (a taskid in the body then counts)."""
-    with transaction(svc.sessions) as s:
-        job = jobs.get(s, job_id)
+    with svc.autocommit_sessions() as s:  # one read: no BEGIN/COMMIT round trips
+        job = jobs.task_ref(s, job_id)
     stored = job.callback_token_hash if job else None
     # Same work for unknown jobs and wrong tokens: the answer reveals nothing.
     if not token_matches(token, stored or "0" * 64) or job is None:

@@ -306,7 +306,7 @@ def transition(
             if len(_TRANSITIONS) > 512:
                 _TRANSITIONS.clear()  # a leak guard: the shapes in use are a few dozen
             _TRANSITIONS[key] = statement
-    row = session.execute(statement, params).one_or_none()
+    row = session.connection().execute(statement, params).one_or_none()
     if row is None:
         return None
     metrics.TRANSITIONS.labels(row.from_status, str(to)).inc()
@@ -407,9 +407,13 @@ CALLBACK_HINT = "callback_hint"
 
 def note(session: Session, job_id: uuid.UUID, kind: str, detail: dict[str, Any]) -> int:
     """Append a timeline event that is not a state change (e.g. an uncertain Run); its id."""
-    event_id: int = session.execute(
-        insert(JobEvent).values(job_id=job_id, kind=kind, detail=detail).returning(JobEvent.id)
-    ).scalar_one()
+    event_id: int = (
+        session.connection()
+        .execute(
+            insert(JobEvent).values(job_id=job_id, kind=kind, detail=detail).returning(JobEvent.id)
+        )
+        .scalar_one()
+    )
     return event_id
 
 
@@ -426,7 +430,9 @@ def update_fields(
     conditions = [Job.id == job_id, Job.status.in_([str(s) for s in when])]
     if guard is not None:
         conditions.append(guard)
-    result = session.execute(update(Job).where(*conditions).values(**values).returning(Job.id))
+    result = session.connection().execute(
+        update(Job).where(*conditions).values(**values).returning(Job.id)
+    )
     return result.scalar_one_or_none() is not None
 
 
@@ -559,9 +565,43 @@ def set_thumb_key(
     )
 
 
+class TaskRef(NamedTuple):
+    """What a reconcile needs of its job to ask Wiro about the task (no ORM object)."""
+
+    id: uuid.UUID
+    status: str
+    wiro_taskid: str | None
+    run_sent_at: datetime | None
+    callback_token_hash: str | None
+
+
+def task_ref(session: Session, job_id: uuid.UUID) -> TaskRef | None:
+    """The job's status and task columns, or None when there is no such job."""
+    row = (
+        session.connection()
+        .execute(
+            select(
+                Job.id, Job.status, Job.wiro_taskid, Job.run_sent_at, Job.callback_token_hash
+            ).where(Job.id == job_id)
+        )
+        .one_or_none()
+    )
+    return None if row is None else TaskRef(*row)
+
+
+def cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
+    """Whether a client asked to cancel the job."""
+    asked = (
+        session.connection()
+        .execute(select(Job.cancel_requested_at.is_not(None)).where(Job.id == job_id))
+        .scalar_one_or_none()
+    )
+    return bool(asked)
+
+
 def add_output(session: Session, job_id: uuid.UUID, position: int, **values: Any) -> None:
     """Record a copied output; a second copy of the same position changes nothing."""
-    session.execute(
+    session.connection().execute(
         pg_insert(JobOutput)
         .values(job_id=job_id, position=position, **values)
         .on_conflict_do_nothing()

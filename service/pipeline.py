@@ -149,11 +149,11 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
             wiro_status="task_queue",
             wiro_stop_next_at=func.now(),
         )
-        current = jobs.get(s, job_id)
+        cancel = jobs.cancel_requested(s, job_id)
         admission.run_accepted(s, svc.settings)
     structlog.contextvars.bind_contextvars(taskid=accepted.taskid)
     bound.info("run_accepted", taskid=accepted.taskid, moved=bool(moved), orphan=orphan)
-    if orphan or (current is not None and current.cancel_requested_at is not None):
+    if orphan or cancel:
         stop_at_wiro(svc, job_id)
 
 
@@ -391,8 +391,8 @@ def reconcile(
     """Read the job's task from Task/Detail and act on it; the callback body is only a hint."""
     if source == "callback":
         metrics.CALLBACKS.inc()
-    with unit_of_work(svc) as s:
-        job = jobs.get(s, job_id)
+    with svc.autocommit_sessions() as s:  # one read: no BEGIN/COMMIT round trips
+        job = jobs.task_ref(s, job_id)
     if job is None or S(job.status).terminal:
         return
     if job.wiro_taskid is not None:
@@ -410,7 +410,7 @@ def reconcile(
     apply_task(svc, job_id, task, source=source)
 
 
-def _adopt(svc: Services, job: Job, taskid: str, *, source: str) -> None:
+def _adopt(svc: Services, job: jobs.TaskRef, taskid: str, *, source: str) -> None:
     """Take over the task an uncertain Run created, once Task/Detail proves it is ours."""
     try:
         task = svc.wiro.task_detail(taskid=taskid)
