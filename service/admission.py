@@ -117,6 +117,12 @@ _CANDIDATES = text(
 )
 
 
+_ANY_WAITING = text(
+    "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' "
+    "AND coalesce(enqueued_at, created_at) <= now())"
+)
+
+
 def limit_in_force(svc: Services) -> int:
     """The limit admission uses now: the adaptive one, capped by the setting."""
     with transaction(svc.sessions) as s:
@@ -138,6 +144,12 @@ def _in_flight(s: Session) -> int:
 
 def admit(svc: Services) -> list[uuid.UUID]:
     """One admission pass: claim queued jobs into the free slots; returns the claimed ids."""
+    return _admit(svc)[0]
+
+
+def _admit(svc: Services) -> tuple[list[uuid.UUID], bool]:
+    """``admit``, and whether the pass saw every job it could take now (fewer waiting than
+    free slots): a slot freed after it then has nobody to take it."""
     cap = svc.settings.wiro_max_in_flight
     with unit_of_work(svc) as s:
         s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": LOCK_KEY})
@@ -145,7 +157,7 @@ def admit(svc: Services) -> list[uuid.UUID]:
         in_flight = _in_flight(s)
         free = limit - in_flight
         if free <= 0:
-            return []
+            return [], False
         if _paused(s):
             # Wiro refuses our account: one probe, once it is due and none is on its way.
             probe_due = s.execute(
@@ -159,7 +171,7 @@ def admit(svc: Services) -> list[uuid.UUID]:
                 {"hold": svc.settings.wiro_account_probe_max_s},
             ).first()
             if probe_due is None:
-                return []
+                return [], False
             free = 1
         candidates = list(s.execute(_CANDIDATES, {"free": free}).scalars())
         claimed = [
@@ -177,6 +189,9 @@ def admit(svc: Services) -> list[uuid.UUID]:
                 enqueued_at=func.now(),
             )
         ]
+        # Jobs left waiting though slots were free wait for their key's room: a slot
+        # freed there is for them.
+        drained = len(candidates) < free and not s.execute(_ANY_WAITING).scalar_one()
         if claimed:
             # Each submit carries its job's request id and trace, not this pass's.
             origins = jobs.origins(s, claimed)
@@ -184,7 +199,7 @@ def admit(svc: Services) -> list[uuid.UUID]:
     metrics.ADMISSION_PASSES.inc()
     if claimed:
         log.info("admitted", count=len(claimed), limit=limit, in_flight=in_flight)
-    return claimed
+    return claimed, drained
 
 
 def _paused(s: Session) -> bool:
@@ -455,6 +470,7 @@ class AdmissionLoop:
         self._thread: threading.Thread | None = None
         self.leading = False
         self.passes = 0
+        self.skipped = 0  # wake-ups that needed no pass
 
     def start(self) -> None:
         """Run in a daemon thread until ``stop``."""
@@ -493,28 +509,45 @@ class AdmissionLoop:
         self.leading = True
         conn.execute(f"LISTEN {ADMIT_CHANNEL}")
         log.info("admission_leader")
+        drained = self._pass()
         while not self._stop.is_set():
-            self._pass()
             first = list(conn.notifies(timeout=self._poll_s, stop_after=1))
-            if first:
-                self._gather(conn, first[0].payload)
+            if not first:
+                drained = self._pass()  # the poll: jobs whose backoff ended wake nobody
+                continue
+            queued = self._gather(conn, first[0].payload)
+            # Freed slots alone, after a pass that took every job it could: nobody waits
+            # for them (a job queued since says so itself). At a steady rate below the
+            # limit that is every other wake-up, each a pass of five statements.
+            if queued or not drained:
+                drained = self._pass()
+            else:
+                self.skipped += 1
 
-    def _gather(self, conn: psycopg.Connection[Any], why: str) -> None:
-        """Let the wake-ups that come with this one share its pass.
+    def _gather(self, conn: psycopg.Connection[Any], why: str) -> bool:
+        """Let the wake-ups that come with this one share its pass; whether any of them
+        says a job was queued.
 
         A queued job passes within a few milliseconds (a slot may be free for it). Freed
         slots wait up to ``coalesce_s`` for the slots freed with them, so that a pass
         fills several at once: against a task of tens of seconds at Wiro, a few tens of
         milliseconds cost nothing, and a burst is admitted in few passes.
         """
-        window = COALESCE_S if why == QUEUED else self._coalesce_s
+        queued = why == QUEUED
+        window = COALESCE_S if queued else self._coalesce_s
         for note in conn.notifies(timeout=window):
-            if note.payload == QUEUED and window > COALESCE_S:
-                break  # a new job may have a free slot waiting: do not hold it back
+            if note.payload == QUEUED:
+                queued = True
+                if window > COALESCE_S:
+                    break  # a new job may have a free slot waiting: do not hold it back
+        return queued
 
-    def _pass(self) -> None:
+    def _pass(self) -> bool:
+        """One pass; whether it took every job it could (False when it failed)."""
         try:
-            admit(self._svc())
+            _, drained = _admit(self._svc())
             self.passes += 1
+            return drained
         except Exception as exc:  # the next notification or poll tries again
             log.warning("admission_pass_failed", error=str(exc))
+            return False

@@ -421,3 +421,30 @@ def test_aimd_halves_once_per_overload_and_probes_the_refused_level_rarely(
     admission.concurrency_refused(aimd, admitted_job(aimd, 8))
     assert state(engine) == (4, 8)
     assert admission.limit_in_force(aimd) == 4
+
+
+def worker_total(api: httpx.Client, name: str) -> float:
+    """A counter summed over every worker (the gateway's /metrics adds them up)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in api.get("/metrics").text.splitlines()
+        if line.startswith(f"dreamgate_{name}_total")
+    )
+
+
+def test_a_slot_freed_with_nobody_waiting_costs_no_admission_pass(
+    api: httpx.Client, stack: Stack
+) -> None:
+    poll_s = float(stack.env.get("ADMISSION_POLL_S") or Settings().admission_poll_s)
+    count = 10
+    passes0, sweeps0 = worker_total(api, "admission_passes"), worker_total(api, "sweeps")
+    started = time.monotonic()
+    for _ in range(count):  # one job at a time: nobody ever waits for a freed slot
+        assert wait_status(api, submit(api))["status"] == "succeeded"
+    elapsed = time.monotonic() - started
+    passes = worker_total(api, "admission_passes") - passes0
+    sweeps = worker_total(api, "sweeps") - sweeps0  # each sweep makes a pass of its own
+    # A pass per queued job, one per sweep and the polls of quiet stretches; each job's
+    # freed slot (running -> finalizing) made one more pass per job before.
+    assert passes - sweeps <= count + elapsed / poll_s / 2 + 1, (passes, sweeps, elapsed)
+    assert passes - sweeps >= count, (passes, sweeps)  # a pass per job at least
