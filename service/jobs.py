@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any, Literal, NamedTuple, NotRequired, TypedDict, Unpack
 
 import psycopg
@@ -613,28 +614,59 @@ def forget_outputs(session: Session, job_id: uuid.UUID) -> None:
     session.execute(delete(JobOutput).where(JobOutput.job_id == job_id))
 
 
-def claim_for_submit(session: Session, job_id: uuid.UUID, token_hash: str) -> Job | None:
+class RunInputRef(NamedTuple):
+    """One input as a Run sends it."""
+
+    kind: str
+    url: str | None
+    s3_key: str | None
+    filename: str | None
+    content_type: str | None
+
+
+class Claimed(NamedTuple):
+    """What a submit needs of the job it claimed (no ORM object)."""
+
+    id: uuid.UUID
+    created_at: datetime
+    prompt: str
+    steps: int
+    scale: Decimal
+    callback_token_hash: str
+    inputs: list[RunInputRef]
+
+
+# The claim and the inputs in one round trip: the UPDATE's RETURNING reads them.
+_CLAIM = text(
+    """
+    UPDATE jobs SET callback_token_hash = :token_hash
+    WHERE id = :id AND status = 'submitting' AND run_sent_at IS NULL
+      AND callback_token_hash IS NULL
+    RETURNING id, created_at, prompt, steps, scale, callback_token_hash, (
+        SELECT coalesce(json_agg(json_build_array(i.kind, i.url, i.s3_key, i.filename,
+            i.content_type) ORDER BY i.position), '[]')
+        FROM job_inputs i WHERE i.job_id = jobs.id) AS inputs
+    """
+)
+
+
+def claim_for_submit(session: Session, job_id: uuid.UUID, token_hash: str) -> Claimed | None:
     """Set the callback token of a job admission claimed, if no submit did yet; the job
     and its inputs (what a Run sends), or None. The guard against a redelivered submit."""
-    job = session.scalars(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status == S.submitting,
-            Job.run_sent_at.is_(None),
-            Job.callback_token_hash.is_(None),
-        )
-        .values(callback_token_hash=token_hash)
-        .returning(Job),
-        execution_options={"populate_existing": True},
-    ).one_or_none()
-    if job is None:
+    row = (
+        session.connection().execute(_CLAIM, {"id": job_id, "token_hash": token_hash}).one_or_none()
+    )
+    if row is None:
         return None
-    rows = session.scalars(
-        select(JobInput).where(JobInput.job_id == job_id).order_by(JobInput.position)
-    ).all()
-    set_committed_value(job, "inputs", list(rows))
-    return job
+    return Claimed(
+        id=row.id,
+        created_at=row.created_at,
+        prompt=row.prompt,
+        steps=row.steps,
+        scale=row.scale,
+        callback_token_hash=row.callback_token_hash,
+        inputs=[RunInputRef(*i) for i in row.inputs],
+    )
 
 
 def encode_cursor(job: Job) -> str:

@@ -171,7 +171,7 @@ class _InputFetchFailed(Exception):
         self.detail = detail
 
 
-def _run(svc: Services, job: Job, callback: str) -> Any:
+def _run(svc: Services, job: jobs.Claimed, callback: str) -> Any:
     # Wiro's docs do not promise the order of a combinefileinput that mixes file parts and
     # URL values, and the first image is the one edited: a mixed job sends every image as
     # a file part, in the client's order, fetching the URLs here first.
@@ -231,7 +231,7 @@ def _is_concurrency(exc: WiroRefused) -> bool:
     return exc.code == CODE_CONCURRENCY or exc.http_status == 429
 
 
-def _after_refusal(svc: Services, job: Job, exc: WiroRefused, attempt: int) -> None:
+def _after_refusal(svc: Services, job: jobs.Claimed, exc: WiroRefused, attempt: int) -> None:
     """Wiro certainly did not take the job: queue it again, or fail it past the deadline.
 
     A refusal for concurrency (96/429) lowers the admission limit and never fails the job:
