@@ -470,7 +470,6 @@ class AdmissionLoop:
         self._thread: threading.Thread | None = None
         self.leading = False
         self.passes = 0
-        self.skipped = 0  # wake-ups that needed no pass
 
     def start(self) -> None:
         """Run in a daemon thread until ``stop``."""
@@ -521,8 +520,6 @@ class AdmissionLoop:
             # limit that is every other wake-up, each a pass of five statements.
             if queued or not drained:
                 drained = self._pass()
-            else:
-                self.skipped += 1
 
     def _gather(self, conn: psycopg.Connection[Any], why: str) -> bool:
         """Let the wake-ups that come with this one share its pass; whether any of them

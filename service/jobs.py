@@ -287,22 +287,30 @@ def transition(
         raise IllegalTransition(f"{sorted(sources - allowed)} -> {to}")
     if to in TERMINAL:
         values.setdefault("finished_at", func.now())
+    # Plain values (and FromNow's seconds) become parameters; the statement's shape is what
+    # is left: the columns, the expressions without values of their own, the guard.
     params: dict[str, Any] = {"job_id": job_id, "detail": json.dumps(detail or {})}
+    bound: dict[str, Any] = {}
     shape: list[Any] = [to, sources, _static_key(guard)]
     for name, value in sorted(values.items()):
         if isinstance(value, FromNow):
             params[f"v_{name}"] = value.seconds
+            bound[name] = func.now() + literal_column("interval '1 second'") * bindparam(
+                f"v_{name}", type_=Float
+            )
             shape.append((name, FromNow))
         elif isinstance(value, ClauseElement):
+            bound[name] = value
             shape.append((name, _static_key(value)))
         else:
             params[f"v_{name}"] = value
+            bound[name] = bindparam(f"v_{name}", type_=Job.__table__.c[name].type)
             shape.append((name, None))
     key = tuple(shape)
-    cacheable = shape[2] is not _UNCACHEABLE and all(k is not _UNCACHEABLE for _, k in shape[3:])
+    cacheable = _UNCACHEABLE not in (shape[2], *(k for _, k in shape[3:]))
     statement = _TRANSITIONS.get(key) if cacheable else None
     if statement is None:
-        statement = _transition_statement(to, sources, guard, values)
+        statement = _transition_statement(to, sources, guard, bound)
         if cacheable:
             if len(_TRANSITIONS) > 512:
                 _TRANSITIONS.clear()  # a leak guard: the shapes in use are a few dozen
@@ -346,21 +354,11 @@ def _transition_statement(
     to: JobStatus,
     sources: frozenset[JobStatus],
     guard: ColumnElement[bool] | None,
-    values: Mapping[str, Any],
+    bound: Mapping[str, Any],
 ) -> Any:
-    """The guarded UPDATE and its event INSERT as one statement; plain values (and
-    ``FromNow`` seconds) are bound parameters named ``v_<column>``."""
+    """The guarded UPDATE (setting ``bound``: column -> expression or parameter) and its
+    event INSERT as one statement."""
     columns = Job.__table__.c
-    bound: dict[str, Any] = {}
-    for name, value in values.items():
-        if isinstance(value, FromNow):
-            bound[name] = func.now() + literal_column("interval '1 second'") * bindparam(
-                f"v_{name}", type_=Float
-            )
-        elif isinstance(value, ClauseElement):
-            bound[name] = value
-        else:
-            bound[name] = bindparam(f"v_{name}", type_=columns[name].type)
     old = (
         select(Job.id, Job.status)
         .where(Job.id == bindparam("job_id", type_=columns["id"].type))
