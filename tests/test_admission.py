@@ -447,4 +447,3 @@ def test_a_slot_freed_with_nobody_waiting_costs_no_admission_pass(
     # A pass per queued job, one per sweep and the polls of quiet stretches; each job's
     # freed slot (running -> finalizing) made one more pass per job before.
     assert passes - sweeps <= count + elapsed / poll_s / 2 + 1, (passes, sweeps, elapsed)
-    assert passes - sweeps >= count, (passes, sweeps)  # a pass per job at least
