@@ -41,7 +41,7 @@ from typing import Any
 
 import psycopg
 import structlog
-from sqlalchemy import func, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from service import jobs, metrics
@@ -174,28 +174,15 @@ def _admit(svc: Services) -> tuple[list[uuid.UUID], bool]:
                 return [], False
             free = 1
         candidates = list(s.execute(_CANDIDATES, {"free": free}).scalars())
-        claimed = [
-            job_id
-            for job_id in candidates
-            if jobs.transition(
-                s,
-                job_id,
-                S.submitting,
-                from_=[S.queued],
-                detail={"admitted": True, "limit": limit},
-                callback_token_hash=None,
-                run_sent_at=None,
-                # The sweep's clock for "claimed but the Run never left" starts here.
-                enqueued_at=func.now(),
-            )
-        ]
+        # One statement for the pass's claims; each submit carries its job's request id
+        # and trace (the job's origin), not this pass's.
+        admitted = jobs.admit(s, candidates, {"admitted": True, "limit": limit})
+        claimed = list(admitted)
         # Jobs left waiting though slots were free wait for their key's room: a slot
         # freed there is for them.
         drained = len(candidates) < free and not s.execute(_ANY_WAITING).scalar_one()
         if claimed:
-            # Each submit carries its job's request id and trace, not this pass's.
-            origins = jobs.origins(s, claimed)
-            later(s, lambda: svc.queue.submit_many(claimed, origins))
+            later(s, lambda: svc.queue.submit_many(claimed, admitted))
     metrics.ADMISSION_PASSES.inc()
     if claimed:
         log.info("admitted", count=len(claimed), limit=limit, in_flight=in_flight)
