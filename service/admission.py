@@ -153,12 +153,11 @@ def _admit(svc: Services) -> tuple[list[uuid.UUID], bool]:
     cap = svc.settings.wiro_max_in_flight
     with unit_of_work(svc) as s:
         s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": LOCK_KEY})
-        limit = _limit(s, cap)
-        in_flight = _in_flight(s)
+        limit, in_flight, paused = _state(s, cap)
         free = limit - in_flight
         if free <= 0:
             return [], False
-        if _paused(s):
+        if paused:
             # Wiro refuses our account: one probe, once it is due and none is on its way.
             probe_due = s.execute(
                 text(
@@ -189,8 +188,22 @@ def _admit(svc: Services) -> tuple[list[uuid.UUID], bool]:
     return claimed, drained
 
 
-def _paused(s: Session) -> bool:
-    return account_state(s) is not None
+# What a pass starts from, in one round trip (taken under the pass's lock, so no other
+# pass moves a job in between): the limit in force, the jobs in flight, and whether Wiro
+# refuses our account.
+_STATE = text(
+    """
+    SELECT (SELECT limit_in_force FROM wiro_admission WHERE id = 1),
+           (SELECT count(*) FROM jobs WHERE status IN ('submitting', 'running')),
+           EXISTS (SELECT 1 FROM wiro_admission
+                   WHERE id = 1 AND account_refused_since IS NOT NULL)
+    """
+)
+
+
+def _state(s: Session, cap: int) -> tuple[int, int, bool]:
+    limit, in_flight, paused = s.execute(_STATE).one()
+    return (cap if limit is None else max(1, min(cap, int(limit)))), int(in_flight), paused
 
 
 def account_state(s: Session) -> dict[str, Any] | None:
