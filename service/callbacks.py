@@ -96,9 +96,9 @@ class Spent(Exception):
     """The job is finished: its callback URL has served its purpose."""
 
 
-def check(svc: Services, job_id: uuid.UUID, token: str) -> bool:
+def check(svc: Services, job_id: uuid.UUID, token: str) -> jobs.TaskRef:
     """Refuse an unknown job or a wrong token (``Refused``) and a finished job (``Spent``);
-    True when the job waits for its Run's answer (a taskid in the body then counts)."""
+    the job as read (``awaits_run`` says whether a taskid in the body counts)."""
     with svc.autocommit_sessions() as s:  # one read: no BEGIN/COMMIT round trips
         job = jobs.task_ref(s, job_id)
     stored = job.callback_token_hash if job else None
@@ -107,4 +107,9 @@ def check(svc: Services, job_id: uuid.UUID, token: str) -> bool:
         raise Refused
     if S(job.status).terminal:
         raise Spent(job.status)
+    return job
+
+
+def awaits_run(job: jobs.TaskRef) -> bool:
+    """True when the job waits for its Run's answer: a taskid in a callback body counts."""
     return job.status == S.submitting and job.wiro_taskid is None and job.run_sent_at is not None

@@ -386,11 +386,25 @@ def retry(svc: Services, job_id: uuid.UUID) -> int:
 
 
 def reconcile(
-    svc: Services, job_id: uuid.UUID, *, source: str, taskid_hint: str | None = None
+    svc: Services,
+    job_id: uuid.UUID,
+    *,
+    source: str,
+    taskid_hint: str | None = None,
+    known_taskid: str | None = None,
 ) -> None:
-    """Read the job's task from Task/Detail and act on it; the callback body is only a hint."""
+    """Read the job's task from Task/Detail and act on it; the callback body is only a hint.
+
+    ``known_taskid``: the job's taskid as the callback's check read it a moment ago; the
+    job is not read again (the transitions that follow are guarded by its state anyway,
+    so a job that ended meanwhile costs one Task/Detail and changes nothing).
+    """
     if source == "callback":
         metrics.CALLBACKS.inc()
+    if known_taskid is not None:
+        structlog.contextvars.bind_contextvars(taskid=known_taskid)
+        _detail_and_apply(svc, job_id, known_taskid, source=source)
+        return
     with svc.autocommit_sessions() as s:  # one read: no BEGIN/COMMIT round trips
         job = jobs.task_ref(s, job_id)
     if job is None or S(job.status).terminal:
@@ -401,8 +415,12 @@ def reconcile(
         if job.status == S.submitting and job.run_sent_at is not None and taskid_hint:
             _adopt(svc, job, taskid_hint, source=source)
         return
+    _detail_and_apply(svc, job_id, job.wiro_taskid, source=source)
+
+
+def _detail_and_apply(svc: Services, job_id: uuid.UUID, taskid: str, *, source: str) -> None:
     try:
-        task = svc.wiro.task_detail(taskid=job.wiro_taskid)
+        task = svc.wiro.task_detail(taskid=taskid)
     except WiroError as exc:
         # The sweep polls again later; nothing is lost by giving up on this read.
         log.warning("detail_failed", job_id=str(job_id), source=source, error=exc.message)

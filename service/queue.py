@@ -203,9 +203,21 @@ class TaskQueue:
         """Ask a worker for an admission pass (queued jobs into free slots at Wiro)."""
         self._send(ADMIT, countdown=countdown)
 
-    def reconcile(self, job_id: uuid.UUID, *, source: str, taskid: str | None = None) -> None:
-        """Ask a worker to read the job's task from Wiro and act on it."""
-        self._send(RECONCILE, str(job_id), source, taskid)
+    def reconcile(
+        self,
+        job_id: uuid.UUID,
+        *,
+        source: str,
+        taskid: str | None = None,
+        known_taskid: str | None = None,
+    ) -> None:
+        """Ask a worker to read the job's task from Wiro and act on it. ``taskid``: a hint
+        (a callback body's, unproven); ``known_taskid``: the job's own, as the sender
+        just read it from PostgreSQL (the worker then need not read the job)."""
+        if known_taskid is None:
+            self._send(RECONCILE, str(job_id), source, taskid)
+        else:
+            self._send(RECONCILE, str(job_id), source, taskid, known_taskid)
 
     def finalize(
         self, job_id: uuid.UUID, *, attempt: int = 0, countdown: float | None = None

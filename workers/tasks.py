@@ -33,9 +33,13 @@ def submit(job_id: str, attempt: int = 0) -> None:
 
 
 @app.task(name=RECONCILE, ignore_result=True)
-def reconcile(job_id: str, source: str, taskid: str | None = None) -> None:
+def reconcile(
+    job_id: str, source: str, taskid: str | None = None, known_taskid: str | None = None
+) -> None:
     """Read the job's task from Wiro and act on what it says."""
-    pipeline.reconcile(services(), uuid.UUID(job_id), source=source, taskid_hint=taskid)
+    pipeline.reconcile(
+        services(), uuid.UUID(job_id), source=source, taskid_hint=taskid, known_taskid=known_taskid
+    )
 
 
 @app.task(name=FINALIZE, ignore_result=True)

@@ -8,7 +8,7 @@ import structlog
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from service import callbacks
+from service import callbacks, jobs
 from service.api.deps import ServicesDep
 from service.api.errors import ProblemError, responses
 from service.api.schemas import Accepted
@@ -19,7 +19,7 @@ log = structlog.get_logger(__name__)
 MAX_BODY = 1024 * 1024
 
 
-def _check(svc: Services, job_id: uuid.UUID, token: str) -> bool:
+def _check(svc: Services, job_id: uuid.UUID, token: str) -> jobs.TaskRef:
     try:
         return callbacks.check(svc, job_id, token)
     except callbacks.Refused as exc:
@@ -52,14 +52,17 @@ async def wiro_callback(
 ) -> Accepted:
     structlog.contextvars.bind_contextvars(job_id=str(job_id))
     # The token first: a caller without it never gets to send us a body.
-    awaiting_run = await run_in_threadpool(_check, svc, job_id, token)
+    job = await run_in_threadpool(_check, svc, job_id, token)
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY:
             raise ProblemError(413, "payload_too_large", "callback body too large")
     hint = callbacks.taskid_hint(body, request.headers.get("content-type", ""))
-    if hint and awaiting_run:
+    if hint and callbacks.awaits_run(job):
         await run_in_threadpool(callbacks.note_hint, svc, job_id, hint)
-    await run_in_threadpool(svc.queue.reconcile, job_id, source="callback", taskid=hint)
+    # The job's own taskid, as just read, spares the worker its read of the job.
+    await run_in_threadpool(
+        svc.queue.reconcile, job_id, source="callback", taskid=hint, known_taskid=job.wiro_taskid
+    )
     return Accepted()
