@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -330,34 +330,12 @@ def transition(
         raise IllegalTransition(f"{sorted(sources - allowed)} -> {to}")
     if to in TERMINAL:
         values.setdefault("finished_at", func.now())
-    # Plain values (and FromNow's seconds) become parameters; the statement's shape is what
-    # is left: the columns, the expressions without values of their own, the guard.
     params: dict[str, Any] = {"job_id": job_id, "detail": json.dumps(detail or {})}
-    bound: dict[str, Any] = {}
-    shape: list[Any] = [to, sources, _static_key(guard)]
-    for name, value in sorted(values.items()):
-        if isinstance(value, FromNow):
-            params[f"v_{name}"] = value.seconds
-            bound[name] = func.now() + literal_column("interval '1 second'") * bindparam(
-                f"v_{name}", type_=Float
-            )
-            shape.append((name, FromNow))
-        elif isinstance(value, ClauseElement):
-            bound[name] = value
-            shape.append((name, _static_key(value)))
-        else:
-            params[f"v_{name}"] = value
-            bound[name] = bindparam(f"v_{name}", type_=Job.__table__.c[name].type)
-            shape.append((name, None))
-    key = tuple(shape)
-    cacheable = _UNCACHEABLE not in (shape[2], *(k for _, k in shape[3:]))
-    statement = _TRANSITIONS.get(key) if cacheable else None
-    if statement is None:
-        statement = _transition_statement(to, sources, guard, bound)
-        if cacheable:
-            if len(_TRANSITIONS) > 512:
-                _TRANSITIONS.clear()  # a leak guard: the shapes in use are a few dozen
-            _TRANSITIONS[key] = statement
+    bound, shape = _bind(values, params)
+    statement = _statement(
+        ("transition", to, sources, _static_key(guard), *shape),
+        lambda: _transition_statement(to, sources, guard, bound),
+    )
     row = session.connection().execute(statement, params).one_or_none()
     if row is None:
         return None
@@ -373,13 +351,50 @@ def transition(
     return done
 
 
-# Built transition statements by shape (target, sources, guard, columns and the kinds of
-# their values). SQLAlchemy caches the compiled SQL, but building the three-CTE statement
-# and walking it for its cache key on every call was a quarter of a worker's CPU in the
+# Built statements by shape (for a transition: target, sources, guard, columns and the
+# kinds of their values). SQLAlchemy caches the compiled SQL, but building a statement and
+# walking it for its cache key on every call was a quarter of a worker's CPU in the
 # pipeline benchmark (docs/PERFORMANCE.md, round 7); a reused statement object keeps its
 # cache key. Only shapes without embedded values are kept (see ``_static_key``).
-_TRANSITIONS: dict[tuple[Any, ...], Any] = {}
+_STATEMENTS: dict[tuple[Any, ...], Any] = {}
 _UNCACHEABLE = object()
+
+
+def _bind(
+    values: Mapping[str, Any], params: dict[str, Any], table: Any = Job.__table__
+) -> tuple[dict[str, Any], list[Any]]:
+    """Column values of ``table`` as expressions (plain values and FromNow's seconds become
+    parameters, added to ``params``) and the shape they leave: each column and the kind of
+    its value."""
+    bound: dict[str, Any] = {}
+    shape: list[Any] = []
+    for name, value in sorted(values.items()):
+        if isinstance(value, FromNow):
+            params[f"v_{name}"] = value.seconds
+            bound[name] = func.now() + literal_column("interval '1 second'") * bindparam(
+                f"v_{name}", type_=Float
+            )
+            shape.append((name, FromNow))
+        elif isinstance(value, ClauseElement):
+            bound[name] = value
+            shape.append((name, _static_key(value)))
+        else:
+            params[f"v_{name}"] = value
+            bound[name] = bindparam(f"v_{name}", type_=table.c[name].type)
+            shape.append((name, None))
+    return bound, shape
+
+
+def _statement(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+    """The statement of this shape: built once, or every time when it embeds values."""
+    if _UNCACHEABLE in key or any(isinstance(k, tuple) and _UNCACHEABLE in k for k in key):
+        return build()
+    statement = _STATEMENTS.get(key)
+    if statement is None:
+        if len(_STATEMENTS) > 512:
+            _STATEMENTS.clear()  # a leak guard: the shapes in use are a few dozen
+        statement = _STATEMENTS[key] = build()
+    return statement
 
 
 def _static_key(expr: ClauseElement | None) -> Any:
@@ -391,6 +406,17 @@ def _static_key(expr: ClauseElement | None) -> Any:
     if cache_key is None or cache_key.bindparams:
         return _UNCACHEABLE
     return cache_key.key
+
+
+def _status(status: JobStatus) -> ColumnElement[str]:
+    return literal_column(f"'{status}'", String)  # our own enum's value: no quoting needed
+
+
+def _statuses(statuses: Iterable[JobStatus]) -> list[ColumnElement[str]]:
+    """Statuses as SQL literals, for ``IN``: a list of plain values would be an "expanding"
+    parameter, rendered into the SQL again on every execution (a fifth of a transition's
+    CPU, PERFORMANCE.md round 8)."""
+    return [_status(s) for s in sorted(statuses)]
 
 
 def _transition_statement(
@@ -408,7 +434,7 @@ def _transition_statement(
         .with_for_update()
         .cte("old")
     )
-    conditions = [Job.id == old.c.id, old.c.status.in_([str(s) for s in sorted(sources)])]
+    conditions = [Job.id == old.c.id, old.c.status.in_(_statuses(sources))]
     if guard is not None:
         conditions.append(guard)
     moved = (
@@ -429,8 +455,8 @@ def _transition_statement(
             select(
                 moved.c.id,
                 moved.c.from_status,
-                literal(str(to), String),
-                literal("transition", String),
+                _status(to),
+                literal_column("'transition'", String),
                 cast(bindparam("detail", type_=String), JSONB),
             ),
         )
@@ -469,13 +495,18 @@ def update_fields(
 ) -> bool:
     """Set bookkeeping columns (not the status) while the job is in one of ``when`` (and
     ``guard`` holds)."""
-    conditions = [Job.id == job_id, Job.status.in_([str(s) for s in when])]
-    if guard is not None:
-        conditions.append(guard)
-    result = session.connection().execute(
-        update(Job).where(*conditions).values(**values).returning(Job.id)
-    )
-    return result.scalar_one_or_none() is not None
+    states = frozenset(when)
+    params: dict[str, Any] = {"job_id": job_id}
+    bound, shape = _bind(values, params)
+
+    def build() -> Any:
+        conditions = [Job.id == _JOB_ID, Job.status.in_(_statuses(states))]
+        if guard is not None:
+            conditions.append(guard)
+        return update(Job).where(*conditions).values(**bound).returning(Job.id)
+
+    statement = _statement(("fields", states, _static_key(guard), *shape), build)
+    return session.connection().execute(statement, params).scalar_one_or_none() is not None
 
 
 RELATIONS = ("inputs", "outputs", "events")
@@ -631,23 +662,26 @@ def task_ref(session: Session, job_id: uuid.UUID) -> TaskRef | None:
     return None if row is None else TaskRef(*row)
 
 
+_JOB_ID = bindparam("job_id", type_=Job.__table__.c["id"].type)
+_CANCEL_ASKED = select(Job.cancel_requested_at.is_not(None)).where(Job.id == _JOB_ID)
+
+
 def cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
     """Whether a client asked to cancel the job."""
-    asked = (
-        session.connection()
-        .execute(select(Job.cancel_requested_at.is_not(None)).where(Job.id == job_id))
-        .scalar_one_or_none()
-    )
+    asked = session.connection().execute(_CANCEL_ASKED, {"job_id": job_id}).scalar_one_or_none()
     return bool(asked)
 
 
 def add_output(session: Session, job_id: uuid.UUID, position: int, **values: Any) -> None:
     """Record a copied output; a second copy of the same position changes nothing."""
-    session.connection().execute(
-        pg_insert(JobOutput)
-        .values(job_id=job_id, position=position, **values)
-        .on_conflict_do_nothing()
+    params: dict[str, Any] = {}
+    row = {"job_id": job_id, "position": position, **values}
+    bound, shape = _bind(row, params, JobOutput.__table__)
+    statement = _statement(
+        ("output", *shape),
+        lambda: pg_insert(JobOutput).values(**bound).on_conflict_do_nothing(),
     )
+    session.connection().execute(statement, params)
 
 
 def forget_outputs(session: Session, job_id: uuid.UUID) -> None:
