@@ -10,7 +10,8 @@ benchmarks run with admission out of the way). Three parts, each reported as a r
           1,000 jobs (goal: under 5) and failed jobs (goal: 0);
   passes  a burst of 5,000 jobs committed at once, limit 50, task 0.3 s: admission passes
           until every job was admitted (goal: <= 5,000 / limit) and the most messages ever
-          waiting on the broker (goal: about the limit, not one per job).
+          waiting on the broker (goal: about the limit, not one per job); then the same
+          burst with ADMISSION_COALESCE_S=1 (freed slots held up to 1 s for a fuller pass).
 No floor: these are counts, not speeds. ``python -m bench.admission`` runs it on a stack of
 its own (``make bench-admission``).
 """
@@ -82,9 +83,13 @@ def _reset(bench: Bench, **knobs: Any) -> None:
     bench.sql("DELETE FROM wiro_admission")
 
 
-def _with_limit(bench: Bench, limit: str) -> None:
+def _with_limit(bench: Bench, limit: str, coalesce_s: float | None = None) -> None:
     bench.stop_worker()
     bench.stack.env["WIRO_MAX_IN_FLIGHT"] = limit
+    if coalesce_s is None:
+        bench.stack.env.pop("ADMISSION_COALESCE_S", None)
+    else:
+        bench.stack.env["ADMISSION_COALESCE_S"] = str(coalesce_s)
     bench.start_worker()
 
 
@@ -111,12 +116,15 @@ def _broker_depth(bench: Bench) -> int:
     return sum(int(conn.llen(name)) for name in [*QUEUES.values(), "dreamgate"])
 
 
-def _passes(bench: Bench, n: int) -> dict[str, Any]:
-    """A burst of ``n`` jobs committed in one transaction: passes and broker depth."""
+def _passes(bench: Bench, n: int, coalesce_s: float | None = None) -> dict[str, Any]:
+    """A burst of ``n`` jobs committed in one transaction: passes and broker depth. With
+    ``coalesce_s``, freed slots wait that long for others (ADMISSION_COALESCE_S): fewer
+    passes, each filling more slots, against the time the burst takes."""
+    from service.settings import Settings
     from service.uow import unit_of_work
     from tests.factories import create_job
 
-    _with_limit(bench, str(PASSES_LIMIT))
+    _with_limit(bench, str(PASSES_LIMIT), coalesce_s)
     _reset(bench, task_duration_s=0.3)
     url = f"http://127.0.0.1:{bench.sim_port}/samples/dreamomni2-input-1.jpg"
     ids = [uuid.uuid4() for _ in range(n)]
@@ -142,6 +150,7 @@ def _passes(bench: Bench, n: int) -> dict[str, Any]:
     status = bench.wait_terminal([str(i) for i in ids], timeout=600)
     return {
         "part": "passes",
+        "coalesce_s": Settings().admission_coalesce_s if coalesce_s is None else coalesce_s,
         "jobs": n,
         "limit": PASSES_LIMIT,
         "passes": int(passes),
@@ -229,6 +238,9 @@ def run(bench: Bench, jobs: int | None = None) -> dict[str, Any]:
             }
         )
         rows.append(_passes(bench, 500 if bench.quick else 5000))
+        # The same burst with freed slots held for up to a second: what meeting "jobs /
+        # limit passes" costs when the workers, not Wiro, set the pace.
+        rows.append(_passes(bench, 500 if bench.quick else 5000, coalesce_s=1.0))
     finally:
         bench.set_sim(max_concurrency=None, task_duration_s=0.0)
         _with_limit(bench, previous)
