@@ -15,6 +15,8 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from psycopg_pool import AsyncConnectionPool
+
 from service import jobs
 from service.container import Services
 from service.db import transaction
@@ -101,6 +103,18 @@ def check(svc: Services, job_id: uuid.UUID, token: str) -> jobs.TaskRef:
     the job as read (``awaits_run`` says whether a taskid in the body counts)."""
     with svc.autocommit_sessions() as s:  # one read: no BEGIN/COMMIT round trips
         job = jobs.task_ref(s, job_id)
+    return verified(job, token)
+
+
+async def check_async(pool: AsyncConnectionPool, job_id: uuid.UUID, token: str) -> jobs.TaskRef:
+    """``check`` on the event loop's autocommit pool: no thread-pool trip."""
+    async with pool.connection() as conn:
+        job = await jobs.task_ref_async(conn, job_id)
+    return verified(job, token)
+
+
+def verified(job: jobs.TaskRef | None, token: str) -> jobs.TaskRef:
+    """The job, if the token is its callback token and it is not finished (else raise)."""
     stored = job.callback_token_hash if job else None
     # Same work for unknown jobs and wrong tokens: the answer reveals nothing.
     if not token_matches(token, stored or "0" * 64) or job is None:

@@ -648,17 +648,22 @@ class TaskRef(NamedTuple):
     callback_token_hash: str | None
 
 
+_TASK_REF = text(
+    "SELECT id, status, wiro_taskid, run_sent_at, callback_token_hash FROM jobs WHERE id = :id"
+)
+_TASK_REF_PG = str(_TASK_REF.compile(dialect=postgresql_psycopg.dialect()))  # type: ignore[no-untyped-call]
+
+
 def task_ref(session: Session, job_id: uuid.UUID) -> TaskRef | None:
     """The job's status and task columns, or None when there is no such job."""
-    row = (
-        session.connection()
-        .execute(
-            select(
-                Job.id, Job.status, Job.wiro_taskid, Job.run_sent_at, Job.callback_token_hash
-            ).where(Job.id == job_id)
-        )
-        .one_or_none()
-    )
+    row = session.connection().execute(_TASK_REF, {"id": job_id}).one_or_none()
+    return None if row is None else TaskRef(*row)
+
+
+async def task_ref_async(conn: psycopg.AsyncConnection[Any], job_id: uuid.UUID) -> TaskRef | None:
+    """``task_ref`` on a connection of the event loop's pool (db.open_async_pool)."""
+    cur = await conn.execute(_TASK_REF_PG, {"id": job_id})
+    row = await cur.fetchone()
     return None if row is None else TaskRef(*row)
 
 

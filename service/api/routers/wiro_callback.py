@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from service import callbacks, jobs
-from service.api.deps import ServicesDep
+from service.api.deps import ServicesDep, loop_pool
 from service.api.errors import ProblemError, responses
 from service.api.schemas import Accepted
 from service.container import Services
@@ -19,9 +19,12 @@ log = structlog.get_logger(__name__)
 MAX_BODY = 1024 * 1024
 
 
-def _check(svc: Services, job_id: uuid.UUID, token: str) -> jobs.TaskRef:
+async def _check(request: Request, svc: Services, job_id: uuid.UUID, token: str) -> jobs.TaskRef:
+    pool = loop_pool(request)
     try:
-        return callbacks.check(svc, job_id, token)
+        if pool is not None:  # on the event loop: no thread-pool trip for the read
+            return await callbacks.check_async(pool, job_id, token)
+        return await run_in_threadpool(callbacks.check, svc, job_id, token)
     except callbacks.Refused as exc:
         log.warning("callback_refused", job_id=str(job_id))
         raise ProblemError(403, "invalid_callback_token", "unknown job or wrong token") from exc
@@ -52,7 +55,7 @@ async def wiro_callback(
 ) -> Accepted:
     structlog.contextvars.bind_contextvars(job_id=str(job_id))
     # The token first: a caller without it never gets to send us a body.
-    job = await run_in_threadpool(_check, svc, job_id, token)
+    job = await _check(request, svc, job_id, token)
     body = b""
     async for chunk in request.stream():
         body += chunk
