@@ -6,6 +6,7 @@ import threading
 import uuid
 
 import pytest
+import structlog
 from sqlalchemy import Engine, func, select
 
 from service import jobs
@@ -89,6 +90,34 @@ def test_racing_transitions_let_exactly_one_win(sessions: object) -> None:
             select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id)
         ).scalar_one()
     assert count == 4  # created, submitting, running, and the one winner
+
+
+def test_an_admission_claim_moves_only_the_jobs_still_queued_each_with_its_event(
+    sessions: object,
+) -> None:
+    with structlog.contextvars.bound_contextvars(request_id="req-1"):
+        waiting = new_job(sessions)
+    taken = new_job(sessions)
+    with transaction(sessions) as s:  # type: ignore[arg-type]
+        jobs.transition(s, taken, S.canceled, from_=[S.queued])
+    with transaction(sessions) as s:  # type: ignore[arg-type]
+        admitted = jobs.admit(s, [taken, waiting], {"admitted": True, "limit": 3})
+        job = jobs.get(s, waiting, full=False)
+        assert job is not None and job.status == "submitting"
+        assert job.enqueued_at is not None and job.callback_token_hash is None
+    assert list(admitted) == [waiting]
+    assert admitted[waiting].request_id == "req-1"  # its submit is sent in its own request id
+    assert events(sessions, waiting) == [(None, "queued"), ("queued", "submitting")]
+    assert events(sessions, taken) == [(None, "queued"), ("queued", "canceled")]
+    with transaction(sessions) as s:  # type: ignore[arg-type]
+        detail = s.execute(
+            select(JobEvent.detail).where(
+                JobEvent.job_id == waiting, JobEvent.to_status == "submitting"
+            )
+        ).scalar_one()
+        assert detail == {"admitted": True, "limit": 3}
+        # A second claim of the same jobs finds none queued: nothing moves twice.
+        assert jobs.admit(s, [taken, waiting], {"admitted": True}) == {}
 
 
 def test_cursor_round_trips_and_rejects_garbage() -> None:

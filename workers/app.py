@@ -14,10 +14,11 @@ from celery.signals import (
     worker_init,
     worker_process_init,
     worker_process_shutdown,
+    worker_ready,
     worker_shutting_down,
 )
 
-from service import admission, heartbeat, metrics, tracing
+from service import admission, heartbeat, memory, metrics, tracing
 from service.container import Services, build_services
 from service.live import listen_dsn
 from service.logs import configure_logging
@@ -101,6 +102,13 @@ def _heartbeat_stopping(**_: Any) -> None:
     path = get_settings().heartbeat_file
     if path:
         heartbeat.beat(Path(path), heartbeat.STOPPING)
+
+
+@worker_ready.connect
+def _settle_memory(**_: Any) -> None:
+    """No full collections over what startup built, holding the GIL from every task
+    thread (service/memory.py)."""
+    memory.settle_after_startup()
 
 
 @worker_process_init.connect

@@ -12,7 +12,7 @@ from types import FrameType
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from service import __version__, callbacks, tracing
+from service import __version__, callbacks, memory, tracing
 from service.api import errors, openapi
 from service.api.context import RequestContext
 from service.api.limits import BodyLimit
@@ -104,6 +104,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             application_name="dreamgate-gateway-loop",
         )
         restore = drain_on_signals(asyncio.get_running_loop(), app.state.live.drain)
+        memory.settle_after_startup()  # no more 100-900 ms full collections (memory.py)
         try:
             yield
         finally:
