@@ -25,7 +25,10 @@ from bench.common import (
 )
 
 NAME = "submit"
-GOAL = "service >= 60 % of the floor's throughput; p99 < 50 ms at concurrency 16"
+GOAL = (
+    "JSON at concurrency 16: >= 60 % of the floor's throughput and p99 < 50 ms; "
+    "multipart: >= 60 % of a floor that stores the same bytes"
+)
 
 
 def _start(bench: Bench, name: str, argv: list[str], port: int) -> Any:
@@ -133,14 +136,17 @@ def run(bench: Bench, profile: bool = False) -> dict[str, Any]:
         # of them to the simulator ahead of the next benchmark's jobs.
         bench.sql("TRUNCATE jobs CASCADE")
         bench.start_worker()
-    c16 = [r for r in rows if r["conc"] == 16]
+    # Issue 14's goal 1 as written: JSON at 16 on throughput and p99; multipart on throughput
+    # (its floor's own p99 at 16 is hundreds of ms: two 200 KB bodies through one S3 server).
+    json16 = [r for r in rows if r["conc"] == 16 and r["body"].startswith("json")]
+    multipart = [r for r in rows if r["body"].startswith("multipart")]
     result = {
         "goal": GOAL,
         "server": f"uvicorn --workers {workers} --http h11 (dreamgate serve / bench.floor_app)",
         "seconds_per_point": seconds,
         "rows": rows,
-        "goal_ratio_met": all((r["rps_ratio"] or 0) >= 0.6 for r in rows),
-        "goal_p99_c16_met": all((r["svc_p99_ms"] or 1e9) < 50 for r in c16),
+        "goal_ratio_met": all((r["rps_ratio"] or 0) >= 0.6 for r in json16 + multipart),
+        "goal_p99_c16_met": bool(json16) and all((r["svc_p99_ms"] or 1e9) < 50 for r in json16),
         "profiles": profiles,
     }
     print_table(
@@ -149,7 +155,7 @@ def run(bench: Bench, profile: bool = False) -> dict[str, Any]:
         [
             GOAL,
             f"ratio goal met: {result['goal_ratio_met']}; "
-            f"p99@16 goal met: {result['goal_p99_c16_met']}",
+            f"JSON p99@16 goal met: {result['goal_p99_c16_met']}",
         ],
     )
     return result

@@ -278,11 +278,41 @@ def redis_server(
     return ManagedProcess("redis", argv, port, log=data_dir / "redis.log")
 
 
+def s3_app() -> Any:
+    """moto's S3 (its WSGI app, every service by Host) for ``s3_server``'s uvicorn."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+    return DomainDispatcherApplication(create_backend_app)
+
+
 def s3_server(
     port: int, log: Path | None = None, *, host: str = "127.0.0.1", netns: str | None = None
 ) -> ManagedProcess:
-    """moto's S3-compatible server (in memory: objects last as long as the process)."""
-    argv = [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
+    """moto's S3-compatible server (in memory: objects last as long as the process).
+
+    Served by uvicorn rather than ``moto.server``'s werkzeug, which closes the connection
+    after every response: S3 keeps connections alive, so its clients (botocore's pool)
+    should not pay a TCP connect per request here either.
+    """
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "service.embedded:s3_app",
+        "--factory",
+        "--interface",
+        "wsgi",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        # S3 closes idle connections after about 20 s; botocore reconnects (and retries).
+        "--timeout-keep-alive",
+        "20",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
     if netns:
         return ManagedProcess("s3", in_netns(netns, argv), None, log=log)
     return ManagedProcess("s3", argv, port, log=log)
