@@ -15,7 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 EXPECTED = {
     "submit": {"rows", "goal", "goal_ratio_met", "goal_p99_c16_met"},
-    "pipeline": {"rows", "goal", "service_added_p50_ms", "service_added_p99_ms", "measured_jobs"},
+    "pipeline": {
+        "rows",
+        "goal",
+        "service_added_p50_ms",
+        "service_added_p99_ms",
+        "measured_jobs",
+        "ours_cpu_ms_per_job",
+        "goal_issue14_met",
+    },
     "callback": {"rows", "goal", "p50_ms", "p99_ms", "floor_p50_ms", "webhooks_received"},
     "output_copy": {"rows", "goal", "peak_rss_growth_mib", "throughput_ratio", "status"},
     "growth": {"rows", "goal", "sweep_explain", "sweep_ms_at_running"},
