@@ -136,6 +136,9 @@ def make_celery(broker_url: str, *, name: str = "dreamgate") -> Celery:
         # Redis takes from each queue in turn (kombu's default, round robin), so a backlog
         # of one cannot hold the others back beyond what a worker already prefetched.
         app.conf.broker_transport_options = {"visibility_timeout": 3600}
+        if broker_url.split("://", 1)[0] == "redis":
+            # One redis client per channel, not one per publish and ack (service/broker.py).
+            app.conf.broker_transport = "service.broker:Transport"
     return app
 
 
@@ -157,6 +160,10 @@ class TaskQueue:
         self._celery.send_task(
             name,
             args=list(args),
+            # Our arguments are ids and short strings: repr is what saferepr would give,
+            # without its walk over the arguments (a tenth of a send).
+            argsrepr=repr(list(args)),
+            kwargsrepr="{}",
             countdown=countdown,
             expires=EXPIRES_S,
             headers={"request_id": request_id} if request_id else None,
@@ -194,6 +201,8 @@ class TaskQueue:
                     self._celery.send_task(
                         SUBMIT,
                         args=[str(job_id), 0],
+                        argsrepr=f"['{job_id}', 0]",
+                        kwargsrepr="{}",
                         expires=EXPIRES_S,
                         headers={"request_id": request_id} if request_id else None,
                         producer=producer,

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from kombu import Queue
 
+from service import broker
 from service import queue as q
 from service.queue import QUEUES, ROUTES, TaskQueue, make_celery, queue_names
 from service.stack import Stack
@@ -89,6 +90,31 @@ def test_on_rabbitmq_queues_are_quorum_queues_and_publishes_are_confirmed() -> N
 def test_on_redis_workers_also_read_the_queue_of_before_the_split() -> None:
     queues = by_name(make_celery("redis://127.0.0.1:1/0").conf.task_queues)
     assert set(queues) == {*QUEUES.values(), q.LEGACY_QUEUE}
+
+
+def test_a_redis_channel_keeps_one_client_until_kombu_replaces_its_pool(redis_url: str) -> None:
+    app = make_celery(redis_url)
+    name = f"test-broker-{uuid.uuid4().hex[:8]}"
+    box = Queue(name, routing_key=name)
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        assert isinstance(channel, broker.Channel)
+        first = channel._create_client()
+        assert channel._create_client() is first
+        channel._disconnect_pools()  # what kombu does on a lost connection or a fork
+        second = channel._create_client()
+        assert second is not first
+        assert second.connection_pool is channel.pool
+        with conn.Producer() as producer:
+            producer.publish({"n": 1}, routing_key=name, declare=[box])
+        got = box(channel).get(no_ack=True)
+        assert got is not None and got.payload == {"n": 1}
+
+
+def test_only_plain_redis_urls_get_the_pooled_client_transport() -> None:
+    assert make_celery("redis://127.0.0.1:1/0").conf.broker_transport == "service.broker:Transport"
+    for url in ("rediss://127.0.0.1:1/0", "sentinel://127.0.0.1:1", AMQP_URL):
+        assert make_celery(url).conf.broker_transport is None
 
 
 class _Recorder:
