@@ -76,9 +76,9 @@ _WITH_QUEUED_OWNERS = """
         FROM owners o WHERE o.owner IS NOT NULL
     )"""
 
-_CANDIDATES = text(
-    _WITH_QUEUED_OWNERS  # noqa: S608 - constant fragments only, no input
-    + """,
+# The candidates, best first, as CTEs over ``free`` (one row, ``k``: how many to take):
+# ``picked`` (id, ord).
+_PICKS = """
     key_room AS (
         SELECT k.id, k.max_in_flight - count(j.id) AS room
         FROM api_keys k
@@ -99,28 +99,82 @@ _CANDIDATES = text(
               AND NOT EXISTS (
                   SELECT 1 FROM key_room kr WHERE kr.id = j.api_key_id AND kr.room <= 0)
             ORDER BY j.priority DESC, j.created_at, j.id
-            LIMIT :free
+            LIMIT (SELECT k FROM free)
         ) c
         WHERE o.owner IS NOT NULL
     ),
     flight AS (
         SELECT owner, count(*) AS n FROM jobs
         WHERE status IN ('submitting', 'running') GROUP BY owner
-    )
-    SELECT r.id FROM ready r
-    LEFT JOIN flight f ON f.owner = r.owner
-    LEFT JOIN key_room kr ON kr.id = r.api_key_id
-    WHERE kr.room IS NULL OR r.krn <= kr.room
-    ORDER BY coalesce(f.n, 0) + r.rn, r.created_at, r.id
-    LIMIT :free
-    """
-)
+    ),
+    picked AS (
+        SELECT r.id, row_number() OVER (
+            ORDER BY coalesce(f.n, 0) + r.rn, r.created_at, r.id) AS ord
+        FROM ready r
+        LEFT JOIN flight f ON f.owner = r.owner
+        LEFT JOIN key_room kr ON kr.id = r.api_key_id
+        WHERE kr.room IS NULL OR r.krn <= kr.room
+        ORDER BY ord
+        LIMIT (SELECT k FROM free)
+    )"""
 
+_CANDIDATES = text(
+    _WITH_QUEUED_OWNERS  # noqa: S608 - constant fragments only, no input
+    + ", free AS (SELECT CAST(:free AS bigint) AS k),"
+    + _PICKS
+    + " SELECT id FROM picked ORDER BY ord"
+)
 
 _ANY_WAITING = text(
     "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued' "
     "AND coalesce(enqueued_at, created_at) <= now())"
 )
+
+# A pass in one statement (after the lock, so its snapshot sees every move of the passes
+# before it): the limit in force (clamped to :cap as ``_clamp`` does), the jobs in
+# flight, whether Wiro refuses our account (then it takes nobody: the probe is decided
+# in Python), the claim of up to the free slots, and whether a job that could go now is
+# left waiting. Four round trips of the pass in one (PERFORMANCE.md, round 9).
+_PASS = text(
+    _WITH_QUEUED_OWNERS  # noqa: S608 - constant fragments only, no input
+    + """,
+    state AS (
+        SELECT (SELECT limit_in_force FROM wiro_admission WHERE id = 1) AS lim,
+               (SELECT count(*) FROM jobs WHERE status IN ('submitting', 'running')) AS n,
+               EXISTS (SELECT 1 FROM wiro_admission
+                       WHERE id = 1 AND account_refused_since IS NOT NULL) AS paused
+    ),
+    free AS (
+        SELECT CASE WHEN paused THEN 0 ELSE greatest(0, lim - n) END AS k, lim
+        FROM (SELECT CASE WHEN lim IS NULL THEN :cap
+                          ELSE greatest(1, least(:cap, lim)) END AS lim, n, paused
+              FROM state) clamped
+    ),"""
+    + _PICKS
+    + ","
+    + jobs.ADMIT_MOVES.format(
+        picks="SELECT id, ord FROM picked",
+        detail="jsonb_build_object('admitted', true, 'limit', (SELECT lim FROM free))",
+    )
+    + """,
+    admitted AS ("""
+    + jobs.ADMITTED
+    + """)
+    SELECT s.lim AS limit_in_force, s.n AS in_flight, s.paused,
+           (SELECT count(*) FROM picked) AS picked,
+           EXISTS (SELECT 1 FROM jobs w
+                   WHERE w.status = 'queued' AND coalesce(w.enqueued_at, w.created_at) <= now()
+                     AND w.id NOT IN (SELECT id FROM picked)) AS waiting,
+           a.id, a.job_id, a.hooked, a.origin
+    FROM state s LEFT JOIN admitted a ON true
+    ORDER BY a.ord
+    """
+)
+
+
+def _clamp(cap: int, limit: Any) -> int:
+    """The limit in force as admission uses it: the adaptive one, within 1..cap."""
+    return cap if limit is None else max(1, min(cap, int(limit)))
 
 
 def limit_in_force(svc: Services) -> int:
@@ -131,7 +185,7 @@ def limit_in_force(svc: Services) -> int:
 
 def _limit(s: Session, cap: int) -> int:
     row = s.execute(text("SELECT limit_in_force FROM wiro_admission WHERE id = 1")).first()
-    return cap if row is None else max(1, min(cap, int(row[0])))
+    return _clamp(cap, None if row is None else row[0])
 
 
 def _in_flight(s: Session) -> int:
@@ -153,33 +207,20 @@ def _admit(svc: Services) -> tuple[list[uuid.UUID], bool]:
     cap = svc.settings.wiro_max_in_flight
     with unit_of_work(svc) as s:
         s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": LOCK_KEY})
-        limit, in_flight, paused = _state(s, cap)
+        rows = s.execute(_PASS, {"cap": cap}).all()
+        head = rows[0]
+        limit, in_flight = _clamp(cap, head.limit_in_force), int(head.in_flight)
         free = limit - in_flight
         if free <= 0:
             return [], False
-        if paused:
-            # Wiro refuses our account: one probe, once it is due and none is on its way.
-            probe_due = s.execute(
-                text(
-                    "UPDATE wiro_admission SET account_probe_at = now() + make_interval("
-                    "secs => :hold) WHERE id = 1 AND coalesce(account_probe_at, now()) <= now() "
-                    "AND NOT EXISTS (SELECT 1 FROM jobs WHERE status = 'submitting') "
-                    "RETURNING 1"
-                ),
-                # Until the probe's answer says when the next may go.
-                {"hold": svc.settings.wiro_account_probe_max_s},
-            ).first()
-            if probe_due is None:
-                return [], False
-            free = 1
-        candidates = list(s.execute(_CANDIDATES, {"free": free}).scalars())
-        # One statement for the pass's claims; each submit carries its job's request id
-        # and trace (the job's origin), not this pass's.
-        admitted = jobs.admit(s, candidates, {"admitted": True, "limit": limit})
+        if head.paused:
+            admitted, drained = _probe(svc, s, limit)
+        else:
+            # Each submit carries its job's request id and trace (the job's origin), not
+            # this pass's.
+            admitted = jobs.admitted(s, rows)
+            drained = head.picked < free and not head.waiting
         claimed = list(admitted)
-        # Jobs left waiting though slots were free wait for their key's room: a slot
-        # freed there is for them.
-        drained = len(candidates) < free and not s.execute(_ANY_WAITING).scalar_one()
         if claimed:
             later(s, lambda: svc.queue.submit_many(claimed, admitted))
     metrics.ADMISSION_PASSES.inc()
@@ -188,22 +229,26 @@ def _admit(svc: Services) -> tuple[list[uuid.UUID], bool]:
     return claimed, drained
 
 
-# What a pass starts from, in one round trip (taken under the pass's lock, so no other
-# pass moves a job in between): the limit in force, the jobs in flight, and whether Wiro
-# refuses our account.
-_STATE = text(
-    """
-    SELECT (SELECT limit_in_force FROM wiro_admission WHERE id = 1),
-           (SELECT count(*) FROM jobs WHERE status IN ('submitting', 'running')),
-           EXISTS (SELECT 1 FROM wiro_admission
-                   WHERE id = 1 AND account_refused_since IS NOT NULL)
-    """
-)
-
-
-def _state(s: Session, cap: int) -> tuple[int, int, bool]:
-    limit, in_flight, paused = s.execute(_STATE).one()
-    return (cap if limit is None else max(1, min(cap, int(limit)))), int(in_flight), paused
+def _probe(svc: Services, s: Session, limit: int) -> tuple[dict[uuid.UUID, jobs.Origin], bool]:
+    """Wiro refuses our account: one probe, once it is due and none is on its way."""
+    probe_due = s.execute(
+        text(
+            "UPDATE wiro_admission SET account_probe_at = now() + make_interval("
+            "secs => :hold) WHERE id = 1 AND coalesce(account_probe_at, now()) <= now() "
+            "AND NOT EXISTS (SELECT 1 FROM jobs WHERE status = 'submitting') "
+            "RETURNING 1"
+        ),
+        # Until the probe's answer says when the next may go.
+        {"hold": svc.settings.wiro_account_probe_max_s},
+    ).first()
+    if probe_due is None:
+        return {}, False
+    candidates = list(s.execute(_CANDIDATES, {"free": 1}).scalars())
+    admitted = jobs.admit(s, candidates, {"admitted": True, "limit": limit})
+    # Jobs left waiting though slots were free wait for their key's room: a slot freed
+    # there is for them.
+    drained = len(candidates) < 1 and not s.execute(_ANY_WAITING).scalar_one()
+    return admitted, drained
 
 
 def account_state(s: Session) -> dict[str, Any] | None:

@@ -111,27 +111,39 @@ class Origin:
 # rather than a transition per job and a read of the origins (PERFORMANCE.md, round 8).
 # The guard is the transition's (status = 'queued', re-checked under each row's lock);
 # the sweep's clock for "claimed but the Run never left" starts at enqueued_at.
-_ADMIT = text(
-    """
-    WITH moved AS (
+# ``ADMIT_MOVES`` is the claim as CTEs (``moved``, ``event``) over ``{picks}``, a query of
+# job ids and their order (id, ord), with ``{detail}`` the events' detail as an SQL
+# expression; ``ADMITTED`` reads what it claimed. admission's pass embeds both in its own
+# statement (service/admission.py).
+ADMIT_MOVES = """
+    moved AS (
         UPDATE jobs SET status = 'submitting', updated_at = now(), enqueued_at = now(),
             callback_token_hash = NULL, run_sent_at = NULL
-        WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'queued'
-        RETURNING id, webhook_url IS NOT NULL AS hooked
+        FROM ({picks}) AS pick
+        WHERE jobs.id = pick.id AND jobs.status = 'queued'
+        RETURNING jobs.id, pick.ord, jobs.webhook_url IS NOT NULL AS hooked
     ),
     event AS (
         INSERT INTO job_events (job_id, from_status, to_status, kind, detail)
-        SELECT id, 'queued', 'submitting', 'transition', CAST(:detail AS jsonb) FROM moved
+        SELECT id, 'queued', 'submitting', 'transition', {detail} FROM moved
         RETURNING id, job_id
-    )
-    SELECT e.id, e.job_id, m.hooked, first.detail AS origin
+    )"""
+ADMITTED = """
+    SELECT e.id, e.job_id, m.hooked, m.ord, first.detail AS origin
     FROM event e JOIN moved m ON m.id = e.job_id
     LEFT JOIN LATERAL (
         SELECT f.detail FROM job_events f
         WHERE f.job_id = e.job_id AND f.from_status IS NULL AND f.kind = 'transition'
         ORDER BY f.id LIMIT 1
-    ) first ON true
-    """
+    ) first ON true"""
+_ADMIT = text(
+    "WITH "  # noqa: S608 - constant fragments only, no input
+    + ADMIT_MOVES.format(
+        picks="SELECT id, ord FROM unnest(CAST(:ids AS uuid[])) WITH ORDINALITY AS u(id, ord)",
+        detail="CAST(:detail AS jsonb)",
+    )
+    + ADMITTED
+    + " ORDER BY m.ord"
 )
 
 
@@ -145,8 +157,16 @@ def admit(
     rows = session.connection().execute(
         _ADMIT, {"ids": list(job_ids), "detail": json.dumps(detail)}
     )
+    return admitted(session, rows)
+
+
+def admitted(session: Session, rows: Iterable[Any]) -> dict[uuid.UUID, Origin]:
+    """Record the moves of an ``ADMITTED`` read (rows without a job are skipped); the jobs
+    with their origins, in the rows' order."""
     moved: dict[uuid.UUID, Origin] = {}
     for row in rows:
+        if row.job_id is None:
+            continue
         origin = row.origin or {}
         moved[row.job_id] = Origin(request_id=origin.get("request_id"), trace=origin.get("trace"))
         uow.record(
@@ -161,7 +181,7 @@ def admit(
         )
     if moved:
         metrics.TRANSITIONS.labels(str(S.queued), str(S.submitting)).inc(len(moved))
-    return {job_id: moved[job_id] for job_id in job_ids if job_id in moved}
+    return moved
 
 
 # The job, its inputs, its first event and the admission wake-up in ONE statement: a
