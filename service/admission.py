@@ -134,7 +134,7 @@ _ANY_WAITING = text(
 # before it): the limit in force (clamped to :cap as ``_clamp`` does), the jobs in
 # flight, whether Wiro refuses our account (then it takes nobody: the probe is decided
 # in Python), the claim of up to the free slots, and whether a job that could go now is
-# left waiting. Four round trips of the pass in one (PERFORMANCE.md, round 9).
+# left waiting. Four statements of the pass in one (PERFORMANCE.md, round 9).
 _PASS = text(
     _WITH_QUEUED_OWNERS  # noqa: S608 - constant fragments only, no input
     + """,
