@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 
 
@@ -28,6 +29,16 @@ class Channel(kombu_redis.Channel):
         if asynchronous:
             # The BRPOP/LISTEN client: built once per channel by kombu already.
             return super()._create_client(asynchronous=True)  # type: ignore[misc]  # stubs lack it
+        if (
+            getattr(self, "_pool", None) is None
+            and getattr(self.connection, "client", None) is None
+        ):
+            # kombu closed this channel's connection (the broker went away): an ack or a
+            # publish still made on it gets the connection error that kombu's and Celery's
+            # callers handle (the ack is logged as lost; the message comes back), not the
+            # AttributeError of rebuilding a pool without connection info, which killed a
+            # worker's consumer in the Redis-restart fault test.
+            raise redis.exceptions.ConnectionError("this channel's broker connection is closed")
         pool = self.pool
         pooled = self._pooled
         if pooled is not None and pooled[0] is pool:

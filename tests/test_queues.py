@@ -111,6 +111,23 @@ def test_a_redis_channel_keeps_one_client_until_kombu_replaces_its_pool(redis_ur
         assert got is not None and got.payload == {"n": 1}
 
 
+def test_an_ack_on_a_redis_channel_kombu_closed_is_a_connection_error(redis_url: str) -> None:
+    app = make_celery(redis_url)
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        errors = conn.connection_errors
+        # What a lost broker leaves behind: the pool dropped, the transport's connection gone
+        # (kombu's own transport then raises AttributeError and the consumer dies with it).
+        channel._disconnect_pools()
+        client = channel.connection.client
+        channel.connection.client = None
+        try:
+            with pytest.raises(errors):
+                channel._create_client()
+        finally:
+            channel.connection.client = client
+
+
 def test_only_plain_redis_urls_get_the_pooled_client_transport() -> None:
     assert make_celery("redis://127.0.0.1:1/0").conf.broker_transport == "service.broker:Transport"
     for url in ("rediss://127.0.0.1:1/0", "sentinel://127.0.0.1:1", AMQP_URL):
