@@ -198,6 +198,18 @@ def cluster_root() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+# Job events a client wants a webhook for that have no message yet (the sweep's
+# ``webhooks.undispatched_events``, without its age window).
+_UNDISPATCHED = """
+    SELECT count(*) FROM jobs j JOIN job_events e ON e.job_id = j.id
+    WHERE e.kind = 'transition' AND e.to_status IN ('running', 'succeeded', 'failed', 'canceled')
+      AND j.webhook_url IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM webhook_messages m WHERE m.job_event_id = e.id)
+      AND (j.webhook_events IS NULL OR jsonb_typeof(j.webhook_events) = 'null'
+           OR j.webhook_events @> jsonb_build_array('job.' || e.to_status))
+"""
+
+
 def run_cluster(root: Path, *, jobs: int, broker: str, per_second: float) -> dict[str, Any]:
     limit = 8
     with cluster(root, broker=broker, max_in_flight=limit) as c:
@@ -228,6 +240,14 @@ def run_cluster(root: Path, *, jobs: int, broker: str, per_second: float) -> dic
                     what="every job terminal",
                 )
                 done_s = time.monotonic() - started
+                # A dispatch lost in a fault (its worker cut off, PgBouncer restarting) is
+                # made again by the sweep once the event is STUCK_AFTER_S old: wait for
+                # every wanted event to have its message, as a client would, before counting.
+                wait_until(
+                    lambda: c.sql(_UNDISPATCHED)[0][0] == 0,
+                    timeout=120,
+                    what="every webhook message made",
+                )
                 # Webhooks of the last jobs are still on their way: wait for every message
                 # to be settled (delivered or failed) before counting what arrived.
                 wait_until(
