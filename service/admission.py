@@ -131,7 +131,7 @@ _ANY_WAITING = text(
 )
 
 # A pass in one statement (after the lock, so its snapshot sees every move of the passes
-# before it): the limit in force (clamped to :cap as ``_clamp`` does), the jobs in
+# before it): the limit in force (clamped to 1..:cap, as ``_clamp`` does), the jobs in
 # flight, whether Wiro refuses our account (then it takes nobody: the probe is decided
 # in Python), the claim of up to the free slots, and whether a job that could go now is
 # left waiting. Four statements of the pass in one (PERFORMANCE.md, round 9).
@@ -160,13 +160,13 @@ _PASS = text(
     admitted AS ("""
     + jobs.ADMITTED
     + """)
-    SELECT s.lim AS limit_in_force, s.n AS in_flight, s.paused,
+    SELECT f.lim AS limit_in_force, s.n AS in_flight, s.paused,
            (SELECT count(*) FROM picked) AS picked,
            EXISTS (SELECT 1 FROM jobs w
                    WHERE w.status = 'queued' AND coalesce(w.enqueued_at, w.created_at) <= now()
                      AND w.id NOT IN (SELECT id FROM picked)) AS waiting,
            a.id, a.job_id, a.hooked, a.origin
-    FROM state s LEFT JOIN admitted a ON true
+    FROM state s CROSS JOIN free f LEFT JOIN admitted a ON true
     ORDER BY a.ord
     """
 )
@@ -209,7 +209,7 @@ def _admit(svc: Services) -> tuple[list[uuid.UUID], bool]:
         s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": LOCK_KEY})
         rows = s.execute(_PASS, {"cap": cap}).all()
         head = rows[0]
-        limit, in_flight = _clamp(cap, head.limit_in_force), int(head.in_flight)
+        limit, in_flight = int(head.limit_in_force), int(head.in_flight)
         free = limit - in_flight
         if free <= 0:
             return [], False
