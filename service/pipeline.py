@@ -56,6 +56,11 @@ from service.wiro import (
 
 log = structlog.get_logger(__name__)
 
+# Whoever sends a stop message pushes ``wiro_stop_next_at`` this far ahead in the same
+# transaction; the sweep takes only stops whose lease has passed, so one task is never
+# stopped by two workers at once (Wiro would count two Cancel calls).
+STOP_LEASE = timedelta(seconds=60)
+
 
 def _first_poll(svc: Services) -> jobs.FromNow:
     """When the sweep should first ask Wiro about a job that just had news."""
@@ -147,7 +152,7 @@ def submit(svc: Services, job_id: uuid.UUID, *, attempt: int = 0) -> None:
             wiro_taskid=accepted.taskid,
             wiro_socket_token=accepted.socket_token,
             wiro_status="task_queue",
-            wiro_stop_next_at=func.now(),
+            wiro_stop_next_at=func.now() + STOP_LEASE,  # stopped below, at once
         )
         cancel = jobs.cancel_requested(s, job_id)
         admission.run_accepted(s, svc.settings)
@@ -699,11 +704,13 @@ def request_cancel(svc: Services, job_id: uuid.UUID) -> bool:
             when=[S.submitting, S.running],
             guard=Job.cancel_requested_at.is_(None),
             cancel_requested_at=func.now(),
-            wiro_stop_next_at=func.now(),
+            # The message below is the first try; the sweep tries again only once this
+            # lease has passed, so the two never stop one task twice at once.
+            wiro_stop_next_at=func.now() + STOP_LEASE,
         )
         if asked:
             jobs.note(s, job_id, "cancel_requested", {"by": "client"})
-        later(s, lambda: svc.queue.cancel(job_id))
+            later(s, lambda: svc.queue.cancel(job_id))
     return False
 
 
@@ -728,7 +735,9 @@ def expire(svc: Services, job_id: uuid.UUID, *, reason: str) -> None:
                 error_code="deadline_exceeded",
                 error_message="Cancel-After passed before the job finished",
                 # Wiro may hold a task once a Run has left: stop it there too.
-                wiro_stop_next_at=case((Job.run_sent_at.is_not(None), func.now()), else_=None),
+                wiro_stop_next_at=case(
+                    (Job.run_sent_at.is_not(None), func.now() + STOP_LEASE), else_=None
+                ),
             )
         else:
             timeout = timedelta(seconds=cfg.wiro_task_timeout_s)
@@ -744,13 +753,10 @@ def expire(svc: Services, job_id: uuid.UUID, *, reason: str) -> None:
                     f"Wiro did not finish the task within {int(cfg.wiro_task_timeout_s)} s; "
                     "it is being stopped there"
                 ),
-                wiro_stop_next_at=func.now(),
+                wiro_stop_next_at=func.now() + STOP_LEASE,
             )
         if moved is not None and moved.from_status != S.queued:
             later(s, lambda: svc.queue.cancel(job_id))
-
-
-STOP_LEASE = timedelta(seconds=60)
 
 
 def stop_at_wiro(svc: Services, job_id: uuid.UUID) -> None:
@@ -770,7 +776,15 @@ def stop_at_wiro(svc: Services, job_id: uuid.UUID) -> None:
     taskid = job.wiro_taskid
     if taskid is None:
         if job.status == S.submitting:
-            _stop_later(svc, job, {"waiting": "no taskid yet"})  # submit stops it once named
+            # The submit step stops it once Wiro names it; the sweep only if that step dies.
+            with unit_of_work(svc) as s:
+                jobs.update_fields(
+                    s,
+                    job.id,
+                    when=[S.submitting],
+                    guard=Job.wiro_stop_next_at.is_not(None),
+                    wiro_stop_next_at=func.now() + STOP_LEASE,
+                )
         else:
             _stop_ended(svc, job, None)  # no Run ever left: nothing is at Wiro
         return
