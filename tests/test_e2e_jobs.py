@@ -8,6 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from sqlalchemy import Engine, text
 
 from service.stack import Stack
 from tests.conftest import (
@@ -274,13 +275,22 @@ def test_cancel_before_wiro_has_the_job_is_local(
     assert sim_stats(sim)["run_calls"] == 0
 
 
-def test_cancel_while_queued_at_wiro_uses_task_cancel(api: httpx.Client, sim: httpx.Client) -> None:
+def test_cancel_while_queued_at_wiro_uses_task_cancel(
+    api: httpx.Client, sim: httpx.Client, engine: Engine
+) -> None:
     sim.put("/_sim/config", json={"queue_hold_s": 30}).raise_for_status()
     job = submit_samples(api)
     wait_status(api, job["id"], {"running"})
 
     r = api.post(f"/v1/jobs/{job['id']}/cancel")
     assert r.status_code == 202
+    # The stop the cancel sent is not due for the sweep while it runs (or it is done):
+    # a sweep at this moment would send a second Cancel to Wiro.
+    with engine.connect() as conn:
+        due = conn.execute(
+            text("SELECT wiro_stop_next_at <= now() FROM jobs WHERE id = :id"), {"id": job["id"]}
+        ).scalar_one()
+    assert not due
     done = wait_status(api, job["id"])
 
     assert done["status"] == "canceled"
