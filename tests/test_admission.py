@@ -158,13 +158,19 @@ def test_one_apps_burst_does_not_hold_back_another_apps_job(
         if any(e["to"] == "submitting" for e in j["timeline"])
     ]
     before = sum(1 for t in a_started if t < b_started)
+    # Submitting the burst takes a while (longer on a slow broker), and A's jobs run
+    # meanwhile: only those started after B was queued went ahead of it.
+    started_first = sum(1 for t in a_started if t < b_created)
+    ahead = before - started_first
     overtaking = sum(1 for t in a_admitted if b_created <= t < b_admitted)
     wait = (b_started - b_created).total_seconds()
     print(
-        f"\nB's job started after {before} of A's 500 ({overtaking} of A's admitted after B "
-        f"was queued); B waited {wait:.2f} s (limit {LIMIT})"
+        f"\nB's job started after {before} of A's 500, {ahead} of them started after B was "
+        f"queued ({overtaking} admitted after it); B waited {wait:.2f} s (limit {LIMIT})"
     )
-    assert 500 - before >= 450
+    assert 500 - started_first >= 250  # most of the burst was still waiting when B came
+    # Those in flight when B came (at most LIMIT) and the next few free slots.
+    assert ahead <= LIMIT + 2
     assert overtaking <= 2  # "within the next few free slots"
 
 
