@@ -342,16 +342,14 @@ class Bench:
         return {"Authorization": f"Bearer {self.key}"}
 
     def sim(self) -> Any:
-        import httpx
+        from service.embedded import loopback_client
 
-        return httpx.Client(base_url=f"http://127.0.0.1:{self.sim_port}", timeout=120)
+        return loopback_client(self.sim_port, timeout=120)
 
     def api(self, port: int | None = None) -> Any:
-        import httpx
+        from service.embedded import loopback_client
 
-        return httpx.Client(
-            base_url=f"http://127.0.0.1:{port or self.api_port}", headers=self.auth(), timeout=120
-        )
+        return loopback_client(port or self.api_port, headers=self.auth(), timeout=120)
 
     def set_sim(self, **knobs: Any) -> None:
         with self.sim() as sim:

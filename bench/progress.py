@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 from sqlalchemy import text
 
@@ -48,7 +47,7 @@ def main() -> None:
 
 def run(n: int, seconds: float) -> dict[str, Any]:
     from service.db import make_engine
-    from service.embedded import free_port
+    from service.embedded import free_port, loopback_client
     from service.stack import Ports, Stack, machine_postgres, own_database
     from service.wiro import RunInput, WiroClient
 
@@ -70,7 +69,7 @@ def run(n: int, seconds: float) -> dict[str, Any]:
         stack.start_backing()
         stack.start_simulator_if_needed()
         subprocess_migrate(stack)
-        sim = httpx.Client(base_url=f"http://127.0.0.1:{ports.sim}", timeout=30)
+        sim = loopback_client(ports.sim)
         # fail_mode pexit: the simulator skips rendering outputs (1,000 renders would starve
         # its loop on 2 cores); the tasks still walk every status and send their progress.
         sim.put(

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from service import auth
     from service.db import make_engine, make_sessionmaker, transaction
-    from service.embedded import free_port
+    from service.embedded import free_port, loopback_client
     from service.stack import Ports, Stack, machine_postgres, own_database
 
     work = Path(tempfile.mkdtemp(prefix="dreamgate-soak-"))
@@ -196,10 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         engine.dispose()
         headers = {"Authorization": f"Bearer {key}"}
         with (
-            httpx.Client(
-                base_url=f"http://127.0.0.1:{ports.api}", headers=headers, timeout=60
-            ) as api,
-            httpx.Client(base_url=f"http://127.0.0.1:{ports.sim}", timeout=60) as sim,
+            loopback_client(ports.api, headers=headers, timeout=60) as api,
+            loopback_client(ports.sim, timeout=60) as sim,
         ):
             result = run_soak(
                 api, sim, jobs=args.jobs, concurrency=args.concurrency, timeout=args.timeout

@@ -17,7 +17,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import httpx
 
 
 def free_port() -> int:
@@ -32,6 +35,19 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
+
+
+def loopback_client(port: int, **kwargs: Any) -> httpx.Client:
+    """A long-lived HTTP client of a server of the stack on 127.0.0.1:``port``."""
+    import httpx
+
+    # uvicorn closes a connection idle for 5 s and httpx reuses one idle up to 5 s: a request
+    # sent in that instant meets a closing socket ("Server disconnected without sending a
+    # response", CI of stop 27). Session-long clients drop idle connections well before.
+    kwargs.setdefault("timeout", 30)
+    return httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", limits=httpx.Limits(keepalive_expiry=1.0), **kwargs
+    )
 
 
 def wait_for_port(

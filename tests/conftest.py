@@ -33,7 +33,7 @@ from sqlalchemy.exc import OperationalError
 from service import auth
 from service.auth import IssuedKey
 from service.db import make_engine, make_sessionmaker, transaction
-from service.embedded import EmbeddedPostgres, free_port, port_open, redis_server
+from service.embedded import EmbeddedPostgres, free_port, loopback_client, port_open, redis_server
 from service.queue import TaskQueue, make_celery
 from service.stack import Ports, Stack, machine_postgres, own_database
 from service.storage import Storage
@@ -197,7 +197,7 @@ def keys(engine: Engine) -> dict[str, IssuedKey]:
 def client_for(stack: Stack, key: str | None) -> httpx.Client:
     """An HTTP client of the gateway, sending ``key`` as a Bearer token."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=f"http://127.0.0.1:{stack.ports.api}", timeout=30, headers=headers)
+    return loopback_client(stack.ports.api, headers=headers)
 
 
 @pytest.fixture(scope="session")
@@ -230,7 +230,7 @@ def anon(stack: Stack) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="session")
 def sim(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"http://127.0.0.1:{stack.ports.sim}", timeout=30) as client:
+    with loopback_client(stack.ports.sim) as client:
         yield client
 
 

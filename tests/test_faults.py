@@ -23,7 +23,7 @@ from sqlalchemy import text
 
 from service import auth
 from service.db import make_engine, make_sessionmaker, transaction
-from service.embedded import free_port, s3_server
+from service.embedded import free_port, loopback_client, s3_server
 from service.stack import Ports, Stack
 from tests.conftest import (
     TEST_SETTINGS,
@@ -71,7 +71,7 @@ class FaultStack:
         with transaction(make_sessionmaker(self.engine)) as s:
             key = auth.create_key(s, owner="faults").key
         self.api = client_for(self.stack, key)
-        self.sim = httpx.Client(base_url=f"http://127.0.0.1:{ports.sim}", timeout=30)
+        self.sim = loopback_client(ports.sim)
         self.s3 = boto3.client(
             "s3",
             endpoint_url=f"http://127.0.0.1:{self.s3_server.port}",
